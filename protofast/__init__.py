@@ -1,0 +1,26 @@
+"""protofast: fused kernels for prototype-based interpretable vision models.
+
+Importing protofast does no work: the C++ CPU kernels are compiled on first use (once, cached), and nothing
+initialises CUDA. ``protofast.info()`` reports versions and the active backends.
+"""
+from ._backend import info
+from ._version import __version__
+from .ops import (
+    cluster_separation_costs,
+    log_similarity,
+    masked_l1,
+    mean_distance_loss,
+    prototype_distance_maps,
+    prototype_min_distances,
+)
+
+__all__ = [
+    "__version__",
+    "info",
+    "prototype_min_distances",
+    "prototype_distance_maps",
+    "log_similarity",
+    "cluster_separation_costs",
+    "masked_l1",
+    "mean_distance_loss",
+]

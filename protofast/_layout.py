@@ -1,0 +1,35 @@
+"""One view of every input layout: a set of patch vectors per sample.
+
+ProtoPNet's NCHW maps, ProtoMask's views, DProtoNet's masked vectors and ProtoSolo's channels are all the same
+reduction over a set (DESIGN.md §2). ``as_patch_sets`` turns the accepted layouts into
+
+    X [B, N', K]   the patch vectors of each sample (N' = H'·W' valid windows, or N set elements)
+    P [M, K]       the prototypes flattened the same way (K = D·h·w, channel-major as in ``Tensor.reshape``)
+
+and the shape of one distance map (``(H', W')`` or ``(N,)``) so results can be viewed back. It is plain torch,
+differentiable, and used by the reference and by the fused ops alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def as_patch_sets(features: torch.Tensor, prototypes: torch.Tensor):
+    """Returns ``(X [B, N', K], P [M, K], map_shape)``; inputs must already be validated."""
+    M = prototypes.shape[0]
+    if features.dim() == 3:  # [B, N, D] set of vectors
+        return features, prototypes.reshape(M, -1), (features.shape[1],)
+    B, D, H, W = features.shape
+    h, w = (prototypes.shape[2], prototypes.shape[3]) if prototypes.dim() == 4 else (1, 1)
+    if h == 1 and w == 1:
+        X = features.flatten(2).transpose(1, 2)  # [B, H·W, D], row-major (i, j)
+    else:
+        # valid sliding window, stride 1: column (i, j) holds x[b, :, i:i+h, j:j+w] flattened as (c, u, v)
+        X = F.unfold(features, (h, w)).transpose(1, 2)  # [B, H'·W', D·h·w]
+    return X, prototypes.reshape(M, -1), (H - h + 1, W - w + 1)
+
+
+def normalize_patches(t: torch.Tensor) -> torch.Tensor:
+    """x / max(‖x‖₂, 1e-12) along the last axis (TesNet's and F.normalize's convention)."""
+    return F.normalize(t, dim=-1, eps=1e-12)

@@ -1,0 +1,12 @@
+"""The public operators, one module per op family (schema, fake kernel, autograd, per-device implementation)."""
+from .distances import log_similarity, prototype_distance_maps, prototype_min_distances
+from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
+
+__all__ = [
+    "prototype_min_distances",
+    "prototype_distance_maps",
+    "log_similarity",
+    "cluster_separation_costs",
+    "masked_l1",
+    "mean_distance_loss",
+]

@@ -1,0 +1,261 @@
+"""Prototype distances reduced over patches, their full maps, and ProtoPNet's log-similarity.
+
+The registered operators work on the canonical set layout (``protofast._layout``): patches X [B, N, K] and
+prototypes P [M, K], both contiguous and of one dtype (float32 or float64; half inputs are upcast by the public
+functions). ``metric`` is ``"l2"`` (squared, relu-clamped, SEMANTICS.md §1.2) or ``"cosine"``; for ``"cosine"``
+the operators receive unit-normalised X and P and compute 1 − x·p, so the normalisation's gradient is ordinary
+autograd around them.
+
+Operators (namespace ``protofast``):
+
+    set_min_distances(X, P, metric) -> (values [B, M], argmin [B, M] int64)
+        values[b, m] = min_n d[b, m, n], argmin = first n attaining it; NaN in a row wins.
+    set_min_distances_backward(grad, X, P, values, argmin, metric) -> (grad_X, grad_P)
+        The gradient reaches one patch per (b, m): with G = grad · [values > 0] (l2) or grad (cosine), n* = argmin,
+        l2:     grad_X[b, n*] += 2G(x − p_m),  grad_P[m] += 2G(p_m − x[b, n*])
+        cosine: grad_X[b, n*] += −G p_m,      grad_P[m] += −G x[b, n*]
+    set_distance_maps(X, P, metric) -> d [B, M, N]      (heatmaps; written in bounded-memory chunks)
+    set_distance_maps_backward(grad, X, P, d, metric) -> (grad_X, grad_P)
+    log_similarity(d, eps) -> log((d + 1) / (d + eps))
+
+Backends (``protofast._backend``): the fused C++ kernel for CPU tensors, else the chunked torch code below. The
+chunked code never holds more than ``_CHUNK_ELEMENTS`` distance entries at once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import backend_for
+from .._layout import as_patch_sets, normalize_patches
+from .._validation import check_features_prototypes, check_metric, check_tensor
+
+_CHUNK_ELEMENTS = 1 << 22  # distance entries per chunk of the torch fallback (16 MB in float32)
+
+
+def _chunks(B: int, N: int, M: int):
+    """(b0, b1, m0, m1) tiles covering [B] × [M], each with at most max(N, _CHUNK_ELEMENTS) entries of d."""
+    mc = min(M, max(1, _CHUNK_ELEMENTS // N))
+    bc = max(1, _CHUNK_ELEMENTS // (N * mc))
+    for b0 in range(0, B, bc):
+        for m0 in range(0, M, mc):
+            yield b0, min(B, b0 + bc), m0, min(M, m0 + mc)
+
+
+def _distance_tile(X: Tensor, P: Tensor, Q: Tensor | None, metric: str) -> Tensor:
+    """d for a tile: X [b, N, K], P [m, K] -> [b, N, m]; same expanded formula as the reference."""
+    G = X @ P.t()
+    if metric == "cosine":
+        return 1 - G
+    S = (X * X).sum(-1)
+    return torch.clamp_min(S[:, :, None] - 2 * G + Q[None, None, :], 0)
+
+
+def _accumulate_tile_grads(grad_X: Tensor, grad_P: Tensor, g: Tensor, X: Tensor, P: Tensor,
+                           b0: int, b1: int, m0: int, m1: int, metric: str) -> None:
+    """Adds the gradients of Σ g[b, m, n]·d[b, m, n] over one tile (g already zero where the relu clamps).
+
+    l2:     ∂/∂x[b, n] = 2 (Σ_m g) x[b, n] − 2 Σ_m g p_m,   ∂/∂p_m = 2 (Σ_{b,n} g) p_m − 2 Σ_{b,n} g x[b, n]
+    cosine: ∂/∂x[b, n] = −Σ_m g p_m,                       ∂/∂p_m = −Σ_{b,n} g x[b, n]
+    """
+    Xb, Pm = X[b0:b1], P[m0:m1]
+    scale = -1.0 if metric == "cosine" else -2.0
+    grad_X[b0:b1] += scale * (g.transpose(1, 2) @ Pm)
+    grad_P[m0:m1] += scale * torch.einsum("bmn,bnk->mk", g, Xb)
+    if metric == "l2":
+        grad_X[b0:b1] += 2 * g.sum(1).unsqueeze(-1) * Xb
+        grad_P[m0:m1] += 2 * g.sum((0, 2)).unsqueeze(-1) * Pm
+
+
+# ----------------------------------------------------------------------------------------------- min distances
+@torch.library.custom_op("protofast::set_min_distances", mutates_args=())
+def set_min_distances(X: Tensor, P: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    if backend_for(X.device) == "cpp":
+        return torch.ops.protofast_cpu.min_distances_forward(X, P, metric == "cosine")
+    B, N, _ = X.shape
+    M = P.shape[0]
+    values = X.new_empty(B, M)
+    argmin = torch.empty(B, M, dtype=torch.long, device=X.device)
+    Q = (P * P).sum(-1)
+    for b0, b1, m0, m1 in _chunks(B, N, M):
+        v, i = torch.min(_distance_tile(X[b0:b1], P[m0:m1], Q[m0:m1], metric), dim=1)
+        values[b0:b1, m0:m1] = v
+        argmin[b0:b1, m0:m1] = i
+    return values, argmin
+
+
+@set_min_distances.register_fake
+def _(X, P, metric):
+    B, M = X.shape[0], P.shape[0]
+    return X.new_empty(B, M), X.new_empty(B, M, dtype=torch.long)
+
+
+@torch.library.custom_op("protofast::set_min_distances_backward", mutates_args=())
+def set_min_distances_backward(grad: Tensor, X: Tensor, P: Tensor, values: Tensor, argmin: Tensor,
+                               metric: str) -> tuple[Tensor, Tensor]:
+    grad = grad.contiguous()
+    if backend_for(X.device) == "cpp":
+        return torch.ops.protofast_cpu.min_distances_backward(grad, X, P, values, argmin, metric == "cosine")
+    B, N, _ = X.shape
+    M = P.shape[0]
+    G = grad if metric == "cosine" else torch.where(values > 0, grad, torch.zeros_like(grad))
+    grad_X = torch.zeros_like(X)
+    grad_P = torch.zeros_like(P)
+    # Rebuild the one-hot routing weights g[b, m, n] = G[b, m]·[n = argmin[b, m]] tile by tile.
+    for b0, b1, m0, m1 in _chunks(B, N, M):
+        g = X.new_zeros(b1 - b0, m1 - m0, N)
+        g.scatter_(2, argmin[b0:b1, m0:m1].unsqueeze(2), G[b0:b1, m0:m1].unsqueeze(2))
+        _accumulate_tile_grads(grad_X, grad_P, g, X, P, b0, b1, m0, m1, metric)
+    return grad_X, grad_P
+
+
+@set_min_distances_backward.register_fake
+def _(grad, X, P, values, argmin, metric):
+    return torch.empty_like(X), torch.empty_like(P)
+
+
+def _min_setup(ctx, inputs, output):
+    X, P, metric = inputs
+    values, argmin = output
+    ctx.save_for_backward(X, P, values, argmin)
+    ctx.metric = metric
+    ctx.mark_non_differentiable(argmin)
+
+
+def _min_backward(ctx, grad_values, grad_argmin):
+    X, P, values, argmin = ctx.saved_tensors
+    grad_X, grad_P = set_min_distances_backward(grad_values, X, P, values, argmin, ctx.metric)
+    return grad_X, grad_P, None
+
+
+set_min_distances.register_autograd(_min_backward, setup_context=_min_setup)
+
+
+# ----------------------------------------------------------------------------------------------- full maps
+@torch.library.custom_op("protofast::set_distance_maps", mutates_args=())
+def set_distance_maps(X: Tensor, P: Tensor, metric: str) -> Tensor:
+    B, N, _ = X.shape
+    M = P.shape[0]
+    out = X.new_empty(B, M, N)
+    Q = (P * P).sum(-1)
+    for b0, b1, m0, m1 in _chunks(B, N, M):
+        out[b0:b1, m0:m1] = _distance_tile(X[b0:b1], P[m0:m1], Q[m0:m1], metric).transpose(1, 2)
+    return out
+
+
+@set_distance_maps.register_fake
+def _(X, P, metric):
+    return X.new_empty(X.shape[0], P.shape[0], X.shape[1])
+
+
+@torch.library.custom_op("protofast::set_distance_maps_backward", mutates_args=())
+def set_distance_maps_backward(grad: Tensor, X: Tensor, P: Tensor, maps: Tensor,
+                               metric: str) -> tuple[Tensor, Tensor]:
+    B, N, _ = X.shape
+    M = P.shape[0]
+    grad_X = torch.zeros_like(X)
+    grad_P = torch.zeros_like(P)
+    for b0, b1, m0, m1 in _chunks(B, N, M):
+        g = grad[b0:b1, m0:m1]
+        if metric == "l2":
+            g = torch.where(maps[b0:b1, m0:m1] > 0, g, torch.zeros_like(g))   # relu: no gradient where clamped
+        _accumulate_tile_grads(grad_X, grad_P, g, X, P, b0, b1, m0, m1, metric)
+    return grad_X, grad_P
+
+
+@set_distance_maps_backward.register_fake
+def _(grad, X, P, maps, metric):
+    return torch.empty_like(X), torch.empty_like(P)
+
+
+def _maps_setup(ctx, inputs, output):
+    X, P, metric = inputs
+    ctx.save_for_backward(X, P, output)
+    ctx.metric = metric
+
+
+def _maps_backward(ctx, grad):
+    X, P, maps = ctx.saved_tensors
+    grad_X, grad_P = set_distance_maps_backward(grad.contiguous(), X, P, maps, ctx.metric)
+    return grad_X, grad_P, None
+
+
+set_distance_maps.register_autograd(_maps_backward, setup_context=_maps_setup)
+
+
+# ----------------------------------------------------------------------------------------------- log-similarity
+@torch.library.custom_op("protofast::log_similarity", mutates_args=())
+def _log_similarity(distances: Tensor, eps: float) -> Tensor:
+    return torch.log((distances + 1) / (distances + eps))
+
+
+@_log_similarity.register_fake
+def _(distances, eps):
+    return torch.empty_like(distances)
+
+
+def _log_sim_setup(ctx, inputs, output):
+    distances, eps = inputs
+    ctx.save_for_backward(distances)
+    ctx.eps = eps
+
+
+def _log_sim_backward(ctx, grad):
+    (d,) = ctx.saved_tensors
+    return grad * (1 / (d + 1) - 1 / (d + ctx.eps)), None
+
+
+_log_similarity.register_autograd(_log_sim_backward, setup_context=_log_sim_setup)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _prepare(features, prototypes, metric):
+    """Validated canonical inputs: contiguous X [B, N, K], P [M, K] in a kernel dtype, and the map shape."""
+    check_features_prototypes(features, prototypes)
+    check_metric(metric)
+    X, P, map_shape = as_patch_sets(features, prototypes)
+    if X.dtype not in _KERNEL_DTYPES:  # float16 / bfloat16: accumulate in float32
+        X, P = X.float(), P.float()
+    if metric == "cosine":
+        X, P = normalize_patches(X), normalize_patches(P)
+    return X.contiguous(), P.contiguous(), map_shape
+
+
+def prototype_min_distances(features: Tensor, prototypes: Tensor, metric: str = "l2") -> tuple[Tensor, Tensor]:
+    """Distance from every prototype to its nearest patch, without materialising the B×M×N maps.
+
+    Args:
+        features: ``[B, D, H, W]`` (NCHW, as ProtoPNet) or ``[B, N, D]`` (a set of N vectors per sample: views,
+            masks, tokens).
+        prototypes: ``[M, D]``, ``[M, D, 1, 1]`` or ``[M, D, h, w]`` (h×w > 1: valid sliding window, stride 1).
+        metric: ``"l2"``: d = relu(‖x‖² − 2 x·p + ‖p‖²), ProtoPNet's squared distance, zero gradient where
+            clamped; ``"cosine"``: d = 1 − x̂·p̂ with x̂ = x / max(‖x‖, 1e-12).
+
+    Returns:
+        ``values [B, M]`` = min over patches of d (dtype of the inputs; float16/bfloat16 accumulate in float32)
+        and ``argmin [B, M]`` (int64): the flat patch index (row-major over H'×W', or the set index) of the
+        first occurrence of the minimum. A NaN anywhere in a row gives a NaN value. Gradients flow to the argmin
+        patch only (O(B·M·D) backward).
+    """
+    X, P, _ = _prepare(features, prototypes, metric)
+    values, argmin = set_min_distances(X, P, metric)
+    return values.to(features.dtype), argmin
+
+
+def prototype_distance_maps(features: Tensor, prototypes: Tensor, metric: str = "l2") -> Tensor:
+    """Full distance maps ``[B, M, H', W']`` (NCHW input) or ``[B, M, N]`` (set input), same math as
+    :func:`prototype_min_distances`; computed in bounded-memory chunks. For heatmaps and push visualisation."""
+    X, P, map_shape = _prepare(features, prototypes, metric)
+    maps = set_distance_maps(X, P, metric)
+    return maps.reshape(maps.shape[0], maps.shape[1], *map_shape).to(features.dtype)
+
+
+def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
+    """ProtoPNet's similarity log((d + 1) / (d + eps)), ε = 1e-4 by default (quanproto 1e-14, DProtoNet 1e-12)."""
+    check_tensor("distances", distances)
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    return _log_similarity(distances, float(eps))
