@@ -216,9 +216,9 @@ def _prepare(features, prototypes, metric):
     """Validated canonical inputs: contiguous X [B, N, K], P [M, K] in a kernel dtype, and the map shape."""
     check_features_prototypes(features, prototypes)
     check_metric(metric)
+    if features.dtype not in _KERNEL_DTYPES:  # float16 / bfloat16: accumulate in float32 (windows' backward too)
+        features, prototypes = features.float(), prototypes.float()
     X, P, map_shape = as_patch_sets(features, prototypes)
-    if X.dtype not in _KERNEL_DTYPES:  # float16 / bfloat16: accumulate in float32
-        X, P = X.float(), P.float()
     if metric == "cosine":
         X, P = normalize_patches(X), normalize_patches(P)
     return X.contiguous(), P.contiguous(), map_shape
@@ -256,6 +256,9 @@ def prototype_distance_maps(features: Tensor, prototypes: Tensor, metric: str = 
 def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
     """ProtoPNet's similarity log((d + 1) / (d + eps)), ε = 1e-4 by default (quanproto 1e-14, DProtoNet 1e-12)."""
     check_tensor("distances", distances)
-    if not (isinstance(eps, (int, float)) and eps > 0):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
-    return _log_similarity(distances, float(eps))
+    if distances.dtype in _KERNEL_DTYPES:
+        return _log_similarity(distances, float(eps))
+    # float16 / bfloat16: compute in float32 (eps = 1e-14 underflows in half precision), round the result
+    return _log_similarity(distances.float(), float(eps)).to(distances.dtype)

@@ -11,7 +11,7 @@ Operators (namespace ``protofast``):
     multilabel_cluster_separation(d, targets, I, max_dist, exact) -> (cluster, separation, avg_separation, idx)
     masked_l1(Wc, I) -> Σ |Wc| · (1 − Iᵀ)
     mean_distance(X, P, labels?, I?, metric, other) -> closed-form mean of all distance maps
-    mean_distance_exact(X, P, weights, metric) -> Σ_{b,m} weights[b, m] · mean_n d[b, m, n], streamed with the clamp
+    mean_distance_exact(X, P, labels?, I?, metric, other) -> the same mean, streamed in tiles with the clamp
 
 The winner indices are returned so that the backward routes each sample's gradient to its single winning
 prototype; the gradient of ``max_dist − (max_dist − d)·T`` at the winner is T there, so a masked winner (a zero
@@ -327,10 +327,29 @@ def _md_backward(ctx, grad):
 mean_distance.register_autograd(_md_backward, setup_context=_md_setup)
 
 
+def _exact_weights(labels: Optional[Tensor], identity: Optional[Tensor], other: bool, B: int, M: int,
+                   like: Tensor, validate: bool = False) -> Tensor:
+    """w[b, m] = T'[b, m] / Σ T' (T' = 1, the own-class mask, or its complement) — B×M, like the minima.
+    ``validate`` reads values (forward only: the backward is traced by torch.compile)."""
+    if labels is None:
+        return like.new_full((B, M), 1.0 / (B * M))
+    if validate:
+        check_label_values(labels, identity.shape[1])
+    T = identity[:, labels].t()
+    if other:
+        T = 1 - T
+    total = T.sum()
+    if validate and float(total) <= 0:
+        raise ValueError("the labels select no prototypes (no sample's class owns one): the mean is undefined")
+    return T / total
+
+
 @torch.library.custom_op("protofast::mean_distance_exact", mutates_args=())
-def mean_distance_exact(X: Tensor, P: Tensor, weights: Tensor, metric: str) -> Tensor:
+def mean_distance_exact(X: Tensor, P: Tensor, labels: Optional[Tensor], identity: Optional[Tensor], metric: str,
+                        other: bool) -> Tensor:
     B, N, _ = X.shape
     M = P.shape[0]
+    weights = _exact_weights(labels, identity, other, B, M, X, validate=True)
     Q = (P * P).sum(-1)
     total = X.new_zeros(())
     for b0, b1, m0, m1 in _chunks(B, N, M):
@@ -340,20 +359,21 @@ def mean_distance_exact(X: Tensor, P: Tensor, weights: Tensor, metric: str) -> T
 
 
 @mean_distance_exact.register_fake
-def _(X, P, weights, metric):
+def _(X, P, labels, identity, metric, other):
     return X.new_empty(())
 
 
 def _mde_setup(ctx, inputs, output):
-    X, P, weights, metric = inputs
-    ctx.save_for_backward(X, P, weights)
-    ctx.metric = metric
+    X, P, labels, identity, metric, other = inputs
+    ctx.save_for_backward(X, P, labels, identity)
+    ctx.metric, ctx.other = metric, other
 
 
 def _mde_backward(ctx, grad):
-    X, P, weights = ctx.saved_tensors
+    X, P, labels, identity = ctx.saved_tensors
     B, N, _ = X.shape
     M = P.shape[0]
+    weights = _exact_weights(labels, identity, ctx.other, B, M, X)
     Q = (P * P).sum(-1)
     grad_X, grad_P = torch.zeros_like(X), torch.zeros_like(P)
     for b0, b1, m0, m1 in _chunks(B, N, M):
@@ -362,7 +382,7 @@ def _mde_backward(ctx, grad):
             d = _distance_tile(X[b0:b1], P[m0:m1], Q[m0:m1], ctx.metric).transpose(1, 2)
             g = torch.where(d > 0, g, torch.zeros_like(g))
         _accumulate_tile_grads(grad_X, grad_P, g, X, P, b0, b1, m0, m1, ctx.metric)
-    return grad_X, grad_P, None, None
+    return grad_X, grad_P, None, None, None, None
 
 
 mean_distance_exact.register_autograd(_mde_backward, setup_context=_mde_setup)
@@ -410,16 +430,6 @@ def mean_distance_loss(features: Tensor, prototypes: Tensor, labels: Optional[Te
     X, P, _ = _prepare(features, prototypes, metric)
     if labels is not None:
         identity = prototype_class_identity.to(device=X.device, dtype=X.dtype)
-    if mode == "closed_form":
-        loss = mean_distance(X, P, labels, identity, metric, classes == "other")
-    else:
-        if labels is None:
-            weights = X.new_full((B, M), 1.0 / (B * M))
-        else:
-            check_label_values(labels, identity.shape[1])
-            T = identity[:, labels].t()
-            if classes == "other":
-                T = 1 - T
-            weights = T / T.sum()
-        loss = mean_distance_exact(X, P, weights, metric)
+    op = mean_distance if mode == "closed_form" else mean_distance_exact
+    loss = op(X, P, labels, identity, metric, classes == "other")
     return loss.to(features.dtype)
