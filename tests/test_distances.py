@@ -390,6 +390,7 @@ def test_gradcheck_distance_maps(fs, ps, metric):
 
 
 # --------------------------------------------------------------------------------------------- log-similarity
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("eps", [1e-4, 1e-14, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp64", "fp16", "bf16"])
@@ -424,6 +425,7 @@ def test_log_similarity_default_eps():
                                torch.log(torch.tensor([1 / 1e-4, 2 / (1 + 1e-4)], dtype=torch.float64)))
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("eps", [1e-4, 1e-2])
 def test_gradcheck_log_similarity(eps):
     g = torch.Generator().manual_seed(0)

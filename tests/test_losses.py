@@ -46,6 +46,7 @@ def check_costs(d, labels, identity, max_dist, exact, dtype):
 
 
 # --------------------------------------------------------------------------------------------- single label
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("exact", [False, True], ids=["masked_max", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_cluster_separation_parity(dtype, exact):
@@ -53,6 +54,7 @@ def test_cluster_separation_parity(dtype, exact):
     check_costs(d, LABELS, identity_matrix(M, K), MAX_DIST, exact, dtype)
 
 
+@pytest.mark.usefixtures("backend")
 def test_cluster_separation_pruned_identity():
     """After pruning, I is an arbitrary row subset: uneven classes, a shared prototype, unsorted rows."""
     identity = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 0, 0]])
@@ -61,6 +63,7 @@ def test_cluster_separation_pruned_identity():
         check_costs(d, torch.tensor([2, 0, 1, 2]), identity, MAX_DIST, exact, torch.float64)
 
 
+@pytest.mark.usefixtures("backend")
 def test_cluster_separation_values_by_hand():
     d = torch.tensor([[1.0, 4.0, 2.0, 3.0], [5.0, 0.5, 6.0, 7.0]], dtype=torch.float64)
     identity = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
@@ -71,6 +74,7 @@ def test_cluster_separation_values_by_hand():
     assert avg.item() == pytest.approx(2.625)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("exact", [False, True], ids=["masked_max", "exact"])
 def test_saturation(exact):
     """All own-class distances above max_dist: the multiply-then-max cluster saturates at max_dist with zero
@@ -91,6 +95,7 @@ def test_saturation(exact):
     assert separation.item() == pytest.approx((1.0 + 3.0) / 2)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("masked_first", [True, False])
 def test_masked_zero_ties_first_occurrence(masked_first):
     """A masked zero and an unmasked entry at exactly max_dist tie at 0 in the max: the first over the whole row
@@ -115,6 +120,7 @@ def test_masked_zero_ties_first_occurrence(masked_first):
         assert gc.tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
+@pytest.mark.usefixtures("backend")
 def test_tied_minimum_distances_first_prototype_wins():
     d = torch.tensor([[2.0, 2.0, 1.0, 1.0, 5.0]], dtype=torch.float64, requires_grad=True)
     identity = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1], [1, 0]])
@@ -125,6 +131,7 @@ def test_tied_minimum_distances_first_prototype_wins():
         assert gs.tolist() == [[0, 0, 1.0, 0, 0]]
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("identity_dtype", [torch.bool, torch.int64, torch.int32, torch.float64, torch.float32])
 def test_identity_dtypes(identity_dtype):
     d = _min_distances(torch.float32)
@@ -141,6 +148,7 @@ def test_identity_dtypes(identity_dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])
 def test_label_dtypes(label_dtype):
     d = _min_distances()
@@ -150,6 +158,7 @@ def test_label_dtypes(label_dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("backend")
 def test_max_dist_as_int():
     d = _min_distances()
     a = protofast.cluster_separation_costs(d, LABELS, identity_matrix(M, K), 10)
@@ -158,6 +167,7 @@ def test_max_dist_as_int():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("backend")
 def test_costs_on_protopnet_defaults_shape():
     """ProtoPNet-like head: min distances from the fused op, identity in contiguous blocks, max_dist = C·h·w."""
     f, p = make_inputs((4, 8, 3, 3), (10, 8, 1, 1), torch.float64)
@@ -182,6 +192,7 @@ def _multilabel_targets(dtype=torch.float64):
     return t
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("exact", [False, True], ids=["masked_max", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "many_chunks"])
@@ -192,6 +203,7 @@ def test_multilabel_parity(request, dtype, exact, chunked):
     check_costs(d, _multilabel_targets(dtype), identity_matrix(M, K), MAX_DIST, exact, dtype)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("target_dtype", [torch.bool, torch.int64, torch.float32])
 def test_multilabel_target_dtypes(target_dtype):
     d = _min_distances()
@@ -202,6 +214,7 @@ def test_multilabel_target_dtypes(target_dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("backend")
 def test_multilabel_one_hot_equals_single_label():
     """One positive label per sample: quanproto's average over positive classes is the single-label cluster."""
     d = _min_distances()
@@ -213,6 +226,7 @@ def test_multilabel_one_hot_equals_single_label():
     torch.testing.assert_close(multi[2], single[2])
 
 
+@pytest.mark.usefixtures("backend")
 def test_multilabel_saturation_and_gradient():
     d = torch.tensor([[12.0, 11.0, 1.0, 2.0, 4.0, 3.0]], dtype=torch.float64, requires_grad=True)
     identity = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]])
@@ -227,6 +241,7 @@ def test_multilabel_saturation_and_gradient():
 
 
 # --------------------------------------------------------------------------------------------- gradcheck
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("exact", [False, True], ids=["masked_max", "exact"])
 @pytest.mark.parametrize("multilabel", [False, True], ids=["single", "multi"])
 def test_gradcheck_cluster_separation(exact, multilabel):
@@ -238,6 +253,7 @@ def test_gradcheck_cluster_separation(exact, multilabel):
 
 
 # --------------------------------------------------------------------------------------------- masked l1
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_masked_l1_parity(dtype):
     g = torch.Generator().manual_seed(0)
@@ -253,6 +269,7 @@ def test_masked_l1_parity(dtype):
     assert_close(gw, rgw, dtype)
 
 
+@pytest.mark.usefixtures("backend")
 def test_masked_l1_zero_weight_has_zero_gradient():
     W = torch.tensor([[0.0, -2.0], [3.0, 0.0], [0.0, 1.0]], requires_grad=True)   # [K=3, M=2]
     identity = torch.tensor([[1, 0, 0], [0, 0, 1]])                                # prototype 0 → class 0, 1 → 2
@@ -262,6 +279,7 @@ def test_masked_l1_zero_weight_has_zero_gradient():
     assert gw.tolist() == [[0.0, -1.0], [1.0, 0.0], [0.0, 0.0]]
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("identity_dtype", [torch.bool, torch.int64, torch.float64])
 def test_masked_l1_identity_dtypes(identity_dtype):
     g = torch.Generator().manual_seed(1)
@@ -270,6 +288,7 @@ def test_masked_l1_identity_dtypes(identity_dtype):
     torch.testing.assert_close(protofast.masked_l1(W, identity.to(identity_dtype)), protofast.masked_l1(W, identity))
 
 
+@pytest.mark.usefixtures("backend")
 def test_gradcheck_masked_l1():
     g = torch.Generator().manual_seed(2)
     W = torch.randn(K, M, generator=g, dtype=torch.float64)

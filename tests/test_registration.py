@@ -19,7 +19,8 @@ from conftest import identity_matrix, make_inputs
 
 ops = torch.ops.protofast
 REGISTERED = ["set_min_distances", "set_min_distances_backward", "set_distance_maps", "set_distance_maps_backward",
-              "log_similarity", "cluster_separation", "multilabel_cluster_separation", "masked_l1", "mean_distance",
+              "log_similarity", "log_similarity_backward", "cluster_separation", "cluster_separation_backward",
+              "multilabel_cluster_separation", "masked_l1", "masked_l1_backward", "mean_distance",
               "mean_distance_exact"]
 
 
@@ -59,23 +60,30 @@ def test_opcheck_set_distance_maps(metric):
                                                        P.detach(), maps, metric))
 
 
-def test_opcheck_log_similarity():
+def test_opcheck_log_similarity(backend):
     d = (torch.rand(3, 4, dtype=torch.float64) + 0.1).requires_grad_()
     _opcheck(ops.log_similarity.default, (d, 1e-4))
+    _opcheck(ops.log_similarity_backward.default, (torch.randn(3, 4, dtype=torch.float64), d.detach(), 1e-4))
 
 
 @pytest.mark.parametrize("exact", [False, True])
-def test_opcheck_cluster_separation(exact):
+def test_opcheck_cluster_separation(backend, exact):
     d = torch.rand(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     identity = identity_matrix(6, 3, dtype=torch.float64)
-    _opcheck(ops.cluster_separation.default, (d, torch.tensor([0, 2, 1, 2]), identity, 5.0, exact))
+    labels = torch.tensor([0, 2, 1, 2])
+    _opcheck(ops.cluster_separation.default, (d, labels, identity, 5.0, exact))
+    *_, cl_idx, sep_idx, n_wrong = ops.cluster_separation(d.detach(), labels, identity, 5.0, exact)
+    g = [torch.tensor(v, dtype=torch.float64) for v in (0.7, -0.3, 1.1)]
+    _opcheck(ops.cluster_separation_backward.default, (*g, labels, identity, cl_idx, sep_idx, n_wrong, 6))
     targets = torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.float64)
     _opcheck(ops.multilabel_cluster_separation.default, (d, targets, identity, 5.0, exact))
 
 
-def test_opcheck_masked_l1():
+def test_opcheck_masked_l1(backend):
     W = torch.randn(3, 6, dtype=torch.float64).requires_grad_()
-    _opcheck(ops.masked_l1.default, (W, identity_matrix(6, 3, dtype=torch.float64)))
+    identity = identity_matrix(6, 3, dtype=torch.float64)
+    _opcheck(ops.masked_l1.default, (W, identity))
+    _opcheck(ops.masked_l1_backward.default, (torch.tensor(0.6, dtype=torch.float64), W.detach(), identity))
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

@@ -186,6 +186,8 @@ set_distance_maps.register_autograd(_maps_backward, setup_context=_maps_setup)
 # ----------------------------------------------------------------------------------------------- log-similarity
 @torch.library.custom_op("protofast::log_similarity", mutates_args=())
 def _log_similarity(distances: Tensor, eps: float) -> Tensor:
+    if backend_for(distances.device) == "cpp":
+        return torch.ops.protofast_cpu.log_similarity_forward(distances, eps)
     return torch.log((distances + 1) / (distances + eps))
 
 
@@ -200,9 +202,22 @@ def _log_sim_setup(ctx, inputs, output):
     ctx.eps = eps
 
 
+@torch.library.custom_op("protofast::log_similarity_backward", mutates_args=())
+def _log_similarity_backward(grad: Tensor, distances: Tensor, eps: float) -> Tensor:
+    """grad · d/dd log((d + 1)/(d + eps)) = grad · (1/(d + 1) − 1/(d + eps))."""
+    if backend_for(distances.device) == "cpp":
+        return torch.ops.protofast_cpu.log_similarity_backward(grad, distances, eps)
+    return grad * (1 / (distances + 1) - 1 / (distances + eps))
+
+
+@_log_similarity_backward.register_fake
+def _(grad, distances, eps):
+    return torch.empty_like(distances)
+
+
 def _log_sim_backward(ctx, grad):
     (d,) = ctx.saved_tensors
-    return grad * (1 / (d + 1) - 1 / (d + ctx.eps)), None
+    return _log_similarity_backward(grad, d, ctx.eps), None
 
 
 _log_similarity.register_autograd(_log_sim_backward, setup_context=_log_sim_setup)

@@ -7,9 +7,11 @@ mean-distance loss of "Acceleration of Interpretable Deep Neural Networks", Algo
 
 Operators (namespace ``protofast``):
 
-    cluster_separation(d, labels, I, max_dist, exact) -> (cluster, separation, avg_separation, cl_idx, sep_idx)
+    cluster_separation(d, labels, I, max_dist, exact)
+        -> (cluster, separation, avg_separation, cl_idx, sep_idx, n_wrong)      (C++ on CPU, else torch)
+    cluster_separation_backward(g_cluster, g_separation, g_avg, labels, I, cl_idx, sep_idx, n_wrong, M) -> grad_d
     multilabel_cluster_separation(d, targets, I, max_dist, exact) -> (cluster, separation, avg_separation, idx)
-    masked_l1(Wc, I) -> Σ |Wc| · (1 − Iᵀ)
+    masked_l1(Wc, I) -> Σ |Wc| · (1 − Iᵀ);  masked_l1_backward(g, Wc, I) -> g · sign(Wc) · (1 − Iᵀ)
     mean_distance(X, P, labels?, I?, metric, other) -> closed-form mean of all distance maps
     mean_distance_exact(X, P, labels?, I?, metric, other) -> the same mean, streamed in tiles with the clamp
 
@@ -33,6 +35,7 @@ from .._validation import (
     check_min_distances,
     check_tensor,
 )
+from .._backend import backend_for
 from .distances import _accumulate_tile_grads, _chunks, _distance_tile, _prepare
 
 _INF = float("inf")
@@ -51,21 +54,32 @@ def _target_mask(labels: Tensor, identity: Tensor) -> Tensor:
     return identity[:, labels].t()  # T[b, m] = I[m, y_b]
 
 
+def _check_counts(n_own: Tensor, n_wrong: Tensor, labels: Tensor) -> None:
+    """n_own[b], n_wrong[b]: prototypes of sample b's class and of the other classes."""
+    if bool((n_own <= 0).any()):
+        b = int((n_own <= 0).nonzero()[0, 0])
+        raise ValueError(f"class {int(labels[b])} has no prototypes in prototype_class_identity but it is the label "
+                         f"of sample {b}")
+    if bool((n_wrong <= 0).any()):
+        raise ValueError("every sample needs at least one prototype of another class (separation is undefined)")
+
+
 @torch.library.custom_op("protofast::cluster_separation", mutates_args=())
 def cluster_separation(min_distances: Tensor, labels: Tensor, identity: Tensor, max_dist: float,
-                       exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (cluster, separation, avg_separation, cluster_index, separation_index, n_wrong)."""
     d = min_distances
-    K = identity.shape[1]
-    check_label_values(labels, K)
-    class_sizes = identity.sum(0)
-    present = torch.zeros(K, dtype=torch.bool, device=d.device)
-    present[labels] = True
-    _check_classes_have_prototypes(class_sizes, present, "it is the label of a sample")
+    check_label_values(labels, identity.shape[1])
+    if backend_for(d.device) == "cpp":
+        cluster, separation, avg, cl_idx, sep_idx, n_own, n_wrong = \
+            torch.ops.protofast_cpu.cluster_separation_forward(d.contiguous(), labels.contiguous(),
+                                                                identity.contiguous(), max_dist, exact)
+        _check_counts(n_own, n_wrong, labels)
+        return cluster, separation, avg, cl_idx, sep_idx, n_wrong
     T = _target_mask(labels, identity)
     wrong = 1 - T
     n_wrong = wrong.sum(1)
-    if bool((n_wrong <= 0).any()):
-        raise ValueError("every sample needs at least one prototype of another class (separation is undefined)")
+    _check_counts(T.sum(1), n_wrong, labels)
     if exact:
         cl_val, cl_idx = torch.where(T > 0, d, _INF).min(1)
         sep_val, sep_idx = torch.where(T > 0, _INF, d).min(1)
@@ -76,32 +90,52 @@ def cluster_separation(min_distances: Tensor, labels: Tensor, identity: Tensor, 
         sep_val, sep_idx = torch.max(inverted * wrong, dim=1)
         cluster, separation = (max_dist - cl_val).mean(), (max_dist - sep_val).mean()
     avg_separation = ((d * wrong).sum(1) / n_wrong).mean()
-    return cluster, separation, avg_separation, cl_idx, sep_idx
+    return cluster, separation, avg_separation, cl_idx, sep_idx, n_wrong
 
 
 @cluster_separation.register_fake
 def _(min_distances, labels, identity, max_dist, exact):
     B = min_distances.shape[0]
     s = min_distances.new_empty(())
-    return s, s.clone(), s.clone(), labels.new_empty(B, dtype=torch.long), labels.new_empty(B, dtype=torch.long)
+    idx = labels.new_empty(B, dtype=torch.long)
+    return s, s.clone(), s.clone(), idx, idx.clone(), min_distances.new_empty(B)
 
 
 def _cs_setup(ctx, inputs, output):
     d, labels, identity, _, _ = inputs
-    ctx.save_for_backward(d, labels, identity, output[3], output[4])
-    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.save_for_backward(labels, identity, output[3], output[4], output[5])
+    ctx.num_prototypes = d.shape[1]
+    ctx.mark_non_differentiable(output[3], output[4], output[5])
 
 
-def _cs_backward(ctx, g_cluster, g_separation, g_avg, _gi, _gj):
-    d, labels, identity, cl_idx, sep_idx = ctx.saved_tensors
-    B = d.shape[0]
+def _cs_backward(ctx, g_cluster, g_separation, g_avg, _gi, _gj, _gn):
+    labels, identity, cl_idx, sep_idx, n_wrong = ctx.saved_tensors
+    grad = cluster_separation_backward(g_cluster, g_separation, g_avg, labels, identity, cl_idx, sep_idx, n_wrong,
+                                       ctx.num_prototypes)
+    return grad, None, None, None, None
+
+
+@torch.library.custom_op("protofast::cluster_separation_backward", mutates_args=())
+def cluster_separation_backward(g_cluster: Tensor, g_separation: Tensor, g_avg: Tensor, labels: Tensor,
+                                identity: Tensor, cluster_index: Tensor, separation_index: Tensor, n_wrong: Tensor,
+                                num_prototypes: int) -> Tensor:
+    if backend_for(identity.device) == "cpp":
+        return torch.ops.protofast_cpu.cluster_separation_backward(
+            g_cluster, g_separation, g_avg, labels.contiguous(), identity.contiguous(), cluster_index.contiguous(),
+            separation_index.contiguous(), n_wrong.contiguous(), num_prototypes)
+    B = labels.shape[0]
     T = _target_mask(labels, identity)
     wrong = 1 - T
-    grad = (g_avg / B) * wrong / wrong.sum(1, keepdim=True)
+    grad = (g_avg / B) * wrong / n_wrong[:, None]
     # ∂/∂d of max_dist − (max_dist − d)·mask is the mask at the winner (0 when a masked zero won the max)
-    grad = grad.scatter_add(1, cl_idx[:, None], (g_cluster / B) * T.gather(1, cl_idx[:, None]))
-    grad = grad.scatter_add(1, sep_idx[:, None], (g_separation / B) * wrong.gather(1, sep_idx[:, None]))
-    return grad, None, None, None, None
+    grad = grad.scatter_add(1, cluster_index[:, None], (g_cluster / B) * T.gather(1, cluster_index[:, None]))
+    return grad.scatter_add(1, separation_index[:, None],
+                            (g_separation / B) * wrong.gather(1, separation_index[:, None]))
+
+
+@cluster_separation_backward.register_fake
+def _(g_cluster, g_separation, g_avg, labels, identity, cluster_index, separation_index, n_wrong, num_prototypes):
+    return identity.new_empty(labels.shape[0], num_prototypes)
 
 
 cluster_separation.register_autograd(_cs_backward, setup_context=_cs_setup)
@@ -213,14 +247,16 @@ def cluster_separation_costs(min_distances: Tensor, labels: Tensor, prototype_cl
                                                                     float(max_dist), bool(exact))
     else:
         labels = labels.to(device=min_distances.device, dtype=torch.long)
-        cluster, separation, avg, _, _ = cluster_separation(min_distances, labels, identity, float(max_dist),
-                                                            bool(exact))
+        cluster, separation, avg, *_ = cluster_separation(min_distances, labels, identity, float(max_dist),
+                                                          bool(exact))
     return cluster, separation, avg
 
 
 # ------------------------------------------------------------------------------------ masked l1
 @torch.library.custom_op("protofast::masked_l1", mutates_args=())
 def _masked_l1(weight: Tensor, identity: Tensor) -> Tensor:
+    if backend_for(weight.device) == "cpp":
+        return torch.ops.protofast_cpu.masked_l1_forward(weight.contiguous(), identity.contiguous())
     return (weight.abs() * (1 - identity.t())).sum()
 
 
@@ -233,9 +269,21 @@ def _l1_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@torch.library.custom_op("protofast::masked_l1_backward", mutates_args=())
+def _masked_l1_backward(grad: Tensor, weight: Tensor, identity: Tensor) -> Tensor:
+    if backend_for(weight.device) == "cpp":
+        return torch.ops.protofast_cpu.masked_l1_backward(grad, weight.contiguous(), identity.contiguous())
+    return grad * torch.sign(weight) * (1 - identity.t())
+
+
+@_masked_l1_backward.register_fake
+def _(grad, weight, identity):
+    return torch.empty_like(weight)
+
+
 def _l1_backward(ctx, grad):
     weight, identity = ctx.saved_tensors
-    return grad * torch.sign(weight) * (1 - identity.t()), None
+    return _masked_l1_backward(grad, weight, identity), None
 
 
 _masked_l1.register_autograd(_l1_backward, setup_context=_l1_setup)
