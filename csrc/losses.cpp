@@ -30,6 +30,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/log.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -55,6 +56,38 @@ inline bool replaces_min(T v, T best) {
   return !std::isnan(best) && (v < best || std::isnan(v));
 }
 
+// First-occurrence arg-max of value(0..n−1) with torch.max's rules (ties: the first; a NaN wins, the first
+// one). Two passes instead of one running compare-and-select, whose loop-carried dependency costs ~10 cycles
+// an element: a 4-way partial max plus a NaN flag, then the first index whose value equals the maximum.
+template <typename T, typename F>
+inline int64_t first_argmax(const F& value, int64_t n, T* best_out) {
+  T part[4] = {value(0), value(0), value(0), value(0)};
+  bool any_nan = false;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int k = 0; k < 4; ++k) {
+      const T v = value(i + k);
+      any_nan |= v != v;
+      part[k] = v > part[k] ? v : part[k];
+    }
+  for (; i < n; ++i) {
+    const T v = value(i);
+    any_nan |= v != v;
+    part[0] = v > part[0] ? v : part[0];
+  }
+  T best = part[0];
+  for (int k = 1; k < 4; ++k) best = part[k] > best ? part[k] : best;
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = value(j);
+    if (any_nan ? v != v : v == best) {
+      *best_out = v;
+      return j;
+    }
+  }
+  *best_out = best;  // unreachable: the maximum is one of the values
+  return 0;
+}
+
 void check_dense(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
@@ -70,10 +103,10 @@ at::Tensor log_similarity_forward(const at::Tensor& d_in, double eps) {
     scalar_t* dst = out.data_ptr<scalar_t>();
     const scalar_t e = static_cast<scalar_t>(eps);
     at::parallel_for(0, d.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) dst[i] = std::log((src[i] + scalar_t(1)) / (src[i] + e));
+      for (int64_t i = begin; i < end; ++i) dst[i] = (src[i] + scalar_t(1)) / (src[i] + e);
     });
   });
-  return out;
+  return out.log_();  // ATen's vectorised log, in place
 }
 
 at::Tensor log_similarity_backward(const at::Tensor& grad_in, const at::Tensor& d_in, double eps) {
@@ -125,48 +158,68 @@ cluster_separation_forward(const at::Tensor& d, const at::Tensor& labels, const 
     const scalar_t md = static_cast<scalar_t>(max_dist);
     std::vector<double> cl_val(B), sep_val(B), avg_val(B);
 
-    // One task per block of samples; inside, m is the outer loop so that the identity row I[m, :] and the
-    // cache lines of d[:, m] are reused across the block's samples, and m runs upwards (first occurrence).
+    // Per block of samples, the mask rows T[b, :] = I[:, y_b] are gathered into a per-thread buffer, walking
+    // the identity in blocks of rows that stay in L1 (a column gather straight from I touches a new cache line
+    // per element); the buffer is reused across calls (no page faults). Then one pass per sample over d[b, :]
+    // with m running upwards (first occurrence).
     const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(M, 1));
+    constexpr int64_t kRows = 32;
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      const int64_t nb = b1 - b0;
-      std::vector<scalar_t> cl_best(nb), sep_best(nb);
-      std::vector<int64_t> cl_arg(nb, -1), sep_arg(nb, -1);
-      std::vector<double> wrong_sum(nb, 0.0), wrong_cnt(nb, 0.0), own_cnt(nb, 0.0);
-      for (int64_t m = 0; m < M; ++m) {
-        const scalar_t* Irow = I + m * K;
-        for (int64_t j = 0; j < nb; ++j) {
-          const int64_t b = b0 + j;
-          const scalar_t t = Irow[y[b]];
-          const scalar_t v = dist[b * M + m];
-          const scalar_t not_t = scalar_t(1) - t;
-          if (exact) {
-            if (t > 0) {
-              if (cl_arg[j] < 0 || replaces_min(v, cl_best[j])) cl_best[j] = v, cl_arg[j] = m;
-            } else {
-              if (sep_arg[j] < 0 || replaces_min(v, sep_best[j])) sep_best[j] = v, sep_arg[j] = m;
-            }
-          } else {
-            const scalar_t inverted = md - v;
-            const scalar_t c = inverted * t, s = inverted * not_t;
-            if (cl_arg[j] < 0 || replaces_max(c, cl_best[j])) cl_best[j] = c, cl_arg[j] = m;
-            if (sep_arg[j] < 0 || replaces_max(s, sep_best[j])) sep_best[j] = s, sep_arg[j] = m;
-          }
-          wrong_sum[j] += static_cast<double>(v * not_t);
-          wrong_cnt[j] += static_cast<double>(not_t);
-          own_cnt[j] += static_cast<double>(t);
-        }
+      thread_local std::vector<scalar_t> mask;
+      if (static_cast<int64_t>(mask.size()) < (b1 - b0) * M) mask.resize((b1 - b0) * M);
+      scalar_t* Tm = mask.data();
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t m1 = std::min(M, m0 + kRows);
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t m = m0; m < m1; ++m) Tm[(b - b0) * M + m] = I[m * K + y[b]];
       }
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t b = b0 + j;
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* trow = Tm + (b - b0) * M;
+        const scalar_t* row = dist + b * M;
+        scalar_t cl_best = 0, sep_best = 0;
+        int64_t cl_arg = -1, sep_arg = -1;
+        if (exact) {
+          for (int64_t m = 0; m < M; ++m) {
+            const scalar_t v = row[m];
+            if (trow[m] > 0) {
+              if (cl_arg < 0 || replaces_min(v, cl_best)) cl_best = v, cl_arg = m;
+            } else {
+              if (sep_arg < 0 || replaces_min(v, sep_best)) sep_best = v, sep_arg = m;
+            }
+          }
+        } else {
+          // the original's products (max_dist − d)·T and (max_dist − d)·(1 − T), formed exactly as it forms them
+          auto clst = [&](int64_t m) { return (md - row[m]) * trow[m]; };
+          auto sep = [&](int64_t m) { return (md - row[m]) * (scalar_t(1) - trow[m]); };
+          cl_arg = first_argmax<scalar_t>(clst, M, &cl_best);
+          sep_arg = first_argmax<scalar_t>(sep, M, &sep_best);
+        }
+        // Σ_m d·(1 − T) and Σ_m (1 − T) in double, four interleaved partial sums (no long dependency chain)
+        double ws[4] = {0, 0, 0, 0}, wc[4] = {0, 0, 0, 0};
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+          for (int k = 0; k < 4; ++k) {
+            const scalar_t not_t = scalar_t(1) - trow[m + k];
+            ws[k] += static_cast<double>(row[m + k] * not_t);
+            wc[k] += static_cast<double>(not_t);
+          }
+        for (; m < M; ++m) {
+          const scalar_t not_t = scalar_t(1) - trow[m];
+          ws[0] += static_cast<double>(row[m] * not_t);
+          wc[0] += static_cast<double>(not_t);
+        }
+        const double wrong_sum = (ws[0] + ws[1]) + (ws[2] + ws[3]);
+        const double wrong_cnt = (wc[0] + wc[1]) + (wc[2] + wc[3]);
+        int64_t own_cnt = 0;
+        for (int64_t i = 0; i < M; ++i) own_cnt += trow[i] > 0;
         // an exact min over an empty set (a class without prototypes) is left to the caller's check
-        cl_i[b] = cl_arg[j] < 0 ? 0 : cl_arg[j];
-        sep_i[b] = sep_arg[j] < 0 ? 0 : sep_arg[j];
-        cl_val[b] = exact ? static_cast<double>(cl_best[j]) : static_cast<double>(md - cl_best[j]);
-        sep_val[b] = exact ? static_cast<double>(sep_best[j]) : static_cast<double>(md - sep_best[j]);
-        avg_val[b] = wrong_sum[j] / wrong_cnt[j];
-        own[b] = static_cast<scalar_t>(own_cnt[j]);
-        wrong[b] = static_cast<scalar_t>(wrong_cnt[j]);
+        cl_i[b] = cl_arg < 0 ? 0 : cl_arg;
+        sep_i[b] = sep_arg < 0 ? 0 : sep_arg;
+        cl_val[b] = exact ? static_cast<double>(cl_best) : static_cast<double>(md - cl_best);
+        sep_val[b] = exact ? static_cast<double>(sep_best) : static_cast<double>(md - sep_best);
+        avg_val[b] = wrong_sum / wrong_cnt;
+        own[b] = static_cast<scalar_t>(own_cnt);
+        wrong[b] = static_cast<scalar_t>(wrong_cnt);
       }
     });
     double c = 0, s = 0, a = 0;

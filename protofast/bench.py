@@ -48,6 +48,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 PROVIDERS = ("original", "compile", "cdist", "protofast", "gemm")
 QUICK_PROVIDERS = ("original", "cdist", "protofast", "gemm")
 MODES = ("fwd", "fwd+bwd")
+# What the providers compute (both start from x and the prototypes and share the original's coefficients):
+#   head: the prototype head of the issue, distances -> min -> log-similarity -> cluster/separation, as the
+#         scalar mean(similarity) + 0.8·clst − 0.08·sep (the similarity feeds the backward with 1/(B·M));
+#   step: the full training loss, CE(similarity @ Wcᵀ) + 0.8·clst − 0.08·sep + 1e-4·l1 (last layer included).
+LOSSES = {"head": "mean(log-sim) + 0.8·clst − 0.08·sep", "step": "CE(logits) + 0.8·clst − 0.08·sep + 1e-4·l1"}
 QUICK_BATCHES = (80, 200)
 FULL_BATCHES = (40, 80, 160, 200)
 MALLOC_ENV_VARS = ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -97,6 +102,7 @@ class HeadInputs:
     p2d: "torch.Tensor"               # (M, C) contiguous prototype matrix, for the GEMM floor
     max_dist: float                   # C·h·w
     gemm_out: "torch.Tensor" = None   # (B·H·W, M) preallocated output of the ``gemm_out`` variant
+    loss: str = "head"                # "head" or "step" (see LOSSES)
 
     @property
     def batch(self) -> int:
@@ -111,7 +117,7 @@ class HeadInputs:
 
 def make_inputs(batch: int, *, num_prototypes: int = NUM_PROTOTYPES, channels: int = CHANNELS,
                 height: int = HEIGHT, width: int = WIDTH, num_classes: int = NUM_CLASSES,
-                seed: int = 0) -> HeadInputs:
+                seed: int = 0, loss: str = "head") -> HeadInputs:
     """Synthetic ProtoPNet-head inputs (see the module docstring), deterministic in ``seed`` and ``batch``."""
     import torch
 
@@ -128,35 +134,47 @@ def make_inputs(batch: int, *, num_prototypes: int = NUM_PROTOTYPES, channels: i
     x2d = x.detach().permute(0, 2, 3, 1).reshape(-1, channels).contiguous()
     p2d = prototypes.detach().reshape(num_prototypes, channels).contiguous()
     gemm_out = torch.empty(x2d.shape[0], num_prototypes)
-    return HeadInputs(x, prototypes, last_layer, labels, identity, ones, x2d, p2d, float(channels), gemm_out)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+    return HeadInputs(x, prototypes, last_layer, labels, identity, ones, x2d, p2d, float(channels), gemm_out, loss)
 
 
 # ------------------------------------------------------------------------------------------ providers
 
 
-def _loss_from_min_distances(min_distances, labels, identity, last_layer, max_dist):
-    """Log-similarity, logits and the original's dense-mask loss terms from (B, M) min distances."""
+def _assemble(kind, similarity, cluster, separation, labels, last_layer, l1_fn):
+    """The scalar a provider returns, from the head's outputs (see LOSSES)."""
     import torch.nn.functional as F
 
+    head = COEFS["clst"] * cluster + COEFS["sep"] * separation
+    if kind == "head":
+        return similarity.mean() + head
+    logits = F.linear(similarity, last_layer)
+    return COEFS["crs_ent"] * F.cross_entropy(logits, labels) + head + COEFS["l1"] * l1_fn()
+
+
+def _loss_from_min_distances(min_distances, labels, identity, last_layer, max_dist, kind):
+    """The original's log-similarity and dense-mask loss terms from (B, M) min distances."""
     from .reference import protopnet_original as orig
 
-    activations = orig.distance_2_similarity(min_distances, "log", EPSILON)
-    logits = F.linear(activations, last_layer)
-    return orig.total_loss(logits, min_distances, labels, identity, last_layer, max_dist, COEFS).total
+    similarity = orig.distance_2_similarity(min_distances, "log", EPSILON)
+    cluster, separation, _ = orig.cluster_separation_costs(min_distances, labels, identity, max_dist)
+    return _assemble(kind, similarity, cluster, separation, labels, last_layer,
+                     lambda: orig.l1_masked(last_layer, identity))
 
 
-def original_loss(x, prototypes, ones, last_layer, labels, identity, max_dist):
+def original_loss(x, prototypes, ones, last_layer, labels, identity, max_dist, kind="head"):
     """The original way, end to end: ones-conv, max_pool2d min, dense masks. Returns the scalar loss."""
     from .reference import protopnet_original as orig
 
-    logits, mind = orig.protopnet_forward(x, prototypes, ones, last_layer, "log", EPSILON)
-    return orig.total_loss(logits, mind, labels, identity, last_layer, max_dist, COEFS).total
+    mind = orig.min_distances(orig._l2_convolution(x, prototypes, ones))
+    return _loss_from_min_distances(mind, labels, identity, last_layer, max_dist, kind)
 
 
 def head_original(inp: HeadInputs):
     """Provider ``original``."""
     return original_loss(inp.x, inp.prototypes, inp.ones, inp.last_layer, inp.labels, inp.identity,
-                         inp.max_dist)
+                         inp.max_dist, inp.loss)
 
 
 _COMPILED = {}
@@ -178,7 +196,7 @@ def head_compile(inp: HeadInputs):
     torch._dynamo.maybe_mark_dynamic(inp.x, 0)
     torch._dynamo.maybe_mark_dynamic(inp.labels, 0)
     return compiled_original_loss()(inp.x, inp.prototypes, inp.ones, inp.last_layer, inp.labels, inp.identity,
-                                    inp.max_dist)
+                                    inp.max_dist, inp.loss)
 
 
 def head_cdist(inp: HeadInputs):
@@ -190,7 +208,7 @@ def head_cdist(inp: HeadInputs):
     patches = inp.x.flatten(2).transpose(1, 2)                        # (B, H·W, C)
     d = torch.cdist(patches, inp.prototypes.view(M, C)) ** 2          # (B, H·W, M)
     mind = d.amin(dim=1)                                              # (B, M)
-    return _loss_from_min_distances(mind, inp.labels, inp.identity, inp.last_layer, inp.max_dist)
+    return _loss_from_min_distances(mind, inp.labels, inp.identity, inp.last_layer, inp.max_dist, inp.loss)
 
 
 def _protofast_ops():
@@ -205,16 +223,12 @@ def _protofast_ops():
 
 def head_protofast(inp: HeadInputs):
     """Provider ``protofast``: the fused min-distance op, then protofast's loss ops."""
-    import torch.nn.functional as F
-
     pf = _protofast_ops()
     mind, _ = pf.prototype_min_distances(inp.x, inp.prototypes)
-    activations = pf.log_similarity(mind, eps=EPSILON)
-    logits = F.linear(activations, inp.last_layer)
+    similarity = pf.log_similarity(mind, eps=EPSILON)
     cluster, separation, _ = pf.cluster_separation_costs(mind, inp.labels, inp.identity, inp.max_dist)
-    l1 = pf.masked_l1(inp.last_layer, inp.identity)
-    return (COEFS["crs_ent"] * F.cross_entropy(logits, inp.labels) + COEFS["clst"] * cluster
-            + COEFS["sep"] * separation + COEFS["l1"] * l1)
+    return _assemble(inp.loss, similarity, cluster, separation, inp.labels, inp.last_layer,
+                     lambda: pf.masked_l1(inp.last_layer, inp.identity))
 
 
 def gemm_floor(inp: HeadInputs):
@@ -408,7 +422,7 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 def run_suite(batches: Sequence[int] = QUICK_BATCHES, providers: Sequence[str] = QUICK_PROVIDERS,
               repeats: int = 10, seed: int = 0, progress: bool = True, measure_memory: bool = True,
-              log: Callable[[str], None] = None) -> dict:
+              log: Callable[[str], None] = None, loss: str = "head") -> dict:
     """Warm up, time (interleaved rounds) and measure peak memory of every (B, mode, provider).
 
     Returns a JSON-serialisable dict: ``environment``, ``config``, ``results`` (one row per (B, mode, provider)
@@ -443,7 +457,7 @@ def run_suite(batches: Sequence[int] = QUICK_BATCHES, providers: Sequence[str] =
                file=sys.stderr, dynamic_ncols=True)
     try:
         for batch in batches:
-            inp = make_inputs(batch, seed=seed)
+            inp = make_inputs(batch, seed=seed, loss=loss)
             losses: Dict[str, float] = {}
             # warm-up: builds/compiles, and the loss-agreement check
             for p in providers:
@@ -532,7 +546,7 @@ def run_suite(batches: Sequence[int] = QUICK_BATCHES, providers: Sequence[str] =
         "protofast_info": protofast_info() if "protofast" not in unavailable else None,
         "config": {
             "batches": list(batches), "providers": list(providers), "modes": list(MODES), "repeats": repeats,
-            "seed": seed, "num_prototypes": NUM_PROTOTYPES, "channels": CHANNELS, "height": HEIGHT,
+            "seed": seed, "loss": loss, "loss_formula": LOSSES[loss], "num_prototypes": NUM_PROTOTYPES, "channels": CHANNELS, "height": HEIGHT,
             "width": WIDTH, "num_classes": NUM_CLASSES, "dtype": "float32", "loss_coefs": COEFS,
             "loss_rtol": LOSS_RTOL, "loss_atol": LOSS_ATOL,
         },
@@ -667,7 +681,8 @@ def format_report(result: dict, stream=None) -> str:
     malloc = ", ".join(f"{k}={v if v is not None else 'unset'}" for k, v in env["malloc_env"].items())
     cfg = result["config"]
     lines = [
-        f"protofast {env.get('protofast')} bench: ProtoPNet head, M={cfg['num_prototypes']}, "
+        f"protofast {env.get('protofast')} bench: ProtoPNet {cfg.get('loss', 'head')} "
+        f"({LOSSES[cfg.get('loss', 'head')]}), M={cfg['num_prototypes']}, "
         f"D={cfg['channels']}, {cfg['height']}x{cfg['width']}, K={cfg['num_classes']}, fp32, "
         f"median of {cfg['repeats']} interleaved rounds",
         f"torch {env['torch']}, {env['cpu']} ({env['cpu_count']} cores), "

@@ -85,7 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     providers = args.providers or (bench.PROVIDERS if args.full else bench.QUICK_PROVIDERS)
     repeats = args.repeats if args.repeats is not None else (10 if args.full else 7)
     try:
-        result = bench.run_suite(batches=batches, providers=providers, repeats=repeats, seed=args.seed,
+        result = bench.run_suite(batches=batches, providers=providers, repeats=repeats, seed=args.seed, loss=args.loss,
                                  progress=not args.no_progress, measure_memory=not args.no_memory)
     except bench.ProviderMismatch as exc:
         print(f"protofast bench: {exc}", file=sys.stderr)
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override the providers (original is always included)")
     p_bench.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) before timing")
     p_bench.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (default 0)")
+    p_bench.add_argument("--loss", choices=("head", "step"), default="head",
+                         help="head: distances -> min -> log-similarity -> cluster/separation (default); "
+                              "step: the full training loss, adding the last layer, cross-entropy and l1")
     p_bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_bench.set_defaults(func=cmd_bench)
