@@ -510,8 +510,11 @@ def run_suite(batches: Sequence[int] = QUICK_BATCHES, providers: Sequence[str] =
                     bar.update(1)
                 bar.update(len(items) - len([k for k in active if k not in extra]))
 
-            gemm = ("gemm", "fwd") if ("gemm", "fwd") in times else None
-            gemm_ms = _median(times[gemm]) * 1e3 if gemm else None
+            # The GEMM floor is the faster of the two ways of running the one matmul: into a fresh output (which
+            # page-faults its B·H·W×M result on every call, 31 MB at B=80, and swings with the allocator's
+            # state) or into a preallocated one. Ratios against the faster are the stricter comparison.
+            gemm_runs = [_median(times[k]) * 1e3 for k in (("gemm", "fwd"), ("gemm_out", "fwd")) if k in times]
+            gemm_ms = min(gemm_runs) if gemm_runs else None
             for mode in MODES:
                 orig_ms = _median(times[("original", mode)]) * 1e3
                 for p in providers:
@@ -695,7 +698,8 @@ def format_report(result: dict, stream=None) -> str:
         "",
     ]
     x = _symbol("×", "x", stream)
-    lines.append(f"{x}original = original ms / provider ms (bigger is faster); {x}gemm = provider ms / GEMM-floor ms; "
+    lines.append(f"{x}original = original ms / provider ms (bigger is faster); {x}gemm = provider ms / GEMM-floor ms "
+                 "(the faster of the gemm row and the same matmul into a preallocated output, below); "
                  "peak MB = peak allocated above the inputs (10^6 bytes)")
     prealloc = [(r["batch"], r["gemm_preallocated_ms"]) for r in result["results"]
                 if r["provider"] == "gemm" and r["mode"] == "fwd" and r.get("gemm_preallocated_ms") is not None]
