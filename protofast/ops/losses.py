@@ -31,7 +31,6 @@ from .._validation import (
     check_identity,
     check_label_values,
     check_labels,
-    check_metric,
     check_min_distances,
     check_tensor,
 )
@@ -348,11 +347,12 @@ def mean_distance(X: Tensor, P: Tensor, labels: Optional[Tensor], identity: Opti
 
 
 @mean_distance.register_fake
-def _(X, P, labels, identity, metric, other):
+def _mean_fake(X, P, labels, identity, metric, other):
     return X.new_empty(())
 
 
-def _md_setup(ctx, inputs, output):
+def _mean_setup(ctx, inputs, output):
+    """Shared by mean_distance and mean_distance_exact (same signature)."""
     X, P, labels, identity, metric, other = inputs
     ctx.save_for_backward(X, P, labels, identity)
     ctx.metric, ctx.other = metric, other
@@ -372,7 +372,7 @@ def _md_backward(ctx, grad):
     return grad_X, grad_P, None, None, None, None
 
 
-mean_distance.register_autograd(_md_backward, setup_context=_md_setup)
+mean_distance.register_autograd(_md_backward, setup_context=_mean_setup)
 
 
 def _exact_weights(labels: Optional[Tensor], identity: Optional[Tensor], other: bool, B: int, M: int,
@@ -406,15 +406,7 @@ def mean_distance_exact(X: Tensor, P: Tensor, labels: Optional[Tensor], identity
     return total
 
 
-@mean_distance_exact.register_fake
-def _(X, P, labels, identity, metric, other):
-    return X.new_empty(())
-
-
-def _mde_setup(ctx, inputs, output):
-    X, P, labels, identity, metric, other = inputs
-    ctx.save_for_backward(X, P, labels, identity)
-    ctx.metric, ctx.other = metric, other
+mean_distance_exact.register_fake(_mean_fake)
 
 
 def _mde_backward(ctx, grad):
@@ -433,7 +425,7 @@ def _mde_backward(ctx, grad):
     return grad_X, grad_P, None, None, None, None
 
 
-mean_distance_exact.register_autograd(_mde_backward, setup_context=_mde_setup)
+mean_distance_exact.register_autograd(_mde_backward, setup_context=_mean_setup)
 
 
 def mean_distance_loss(features: Tensor, prototypes: Tensor, labels: Optional[Tensor] = None,
