@@ -2,8 +2,10 @@
 //
 // Operators (namespace protofast_cpu; the Python side in protofast/_cpp.py builds and loads this file):
 //
-//   min_distances_forward(x[B,N,D], prototypes[M,D], cosine) -> (values[B,M], argmin[B,M] int64)
-//   min_distances_backward(grad_values[B,M], x, prototypes, values, argmin, cosine) -> (grad_x, grad_prototypes)
+//   min_distances_forward(x[B,N,D], prototypes[M,D], cosine, channels_first) -> (values[B,M], argmin[B,M] int64)
+//   min_distances_backward(grad_values[B,M], x, prototypes, values, argmin, cosine, channels_first)
+//       -> (grad_x, grad_prototypes)
+//   channels_first = true: x is [B,D,N] (an NCHW map viewed as [B,D,H·W], or unfold's [B,D·h·w,L]), no copy.
 //
 // Math (SEMANTICS.md §1.2, §1.4). b image, n patch, m prototype, d channel:
 //   squared L2 (ProtoPNet):  S[b,n] = Σ_d x[b,n,d]²,  Q[m] = Σ_d p[m,d]²,  G[b,n,m] = Σ_d x[b,n,d]·p[m,d]
@@ -206,8 +208,9 @@ T sum_squares(const T* v, int64_t D) {
 // epilogue instead of three operations. The value differs from (S − 2G) + Q only by rounding, and it is the
 // same instruction sequence for every row and column, so identical patches still tie exactly.
 // ---------------------------------------------------------------------------------------------------------
-template <typename T, int MR, bool kCosine>
-void distance_tile(const T* __restrict__ x, int64_t D, const T* __restrict__ panel, const T* __restrict__ S,
+template <typename T, int MR, bool kCosine, bool kChannelsFirst>
+void distance_tile(const T* __restrict__ x, int64_t D, int64_t ldx, const T* __restrict__ panel,
+                   const T* __restrict__ S,
                    const T* __restrict__ Q, T* __restrict__ run_min, typename Simd<T>::Index* __restrict__ run_arg,
                    typename Simd<T>::Index n0) {
   using V = typename Simd<T>::V;
@@ -230,7 +233,8 @@ void distance_tile(const T* __restrict__ x, int64_t D, const T* __restrict__ pan
     for (int v = 0; v < NV; ++v) pv[v] = load<V>(panel + d * NR + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V xb = splat<V>(x[r * D + d]);  // broadcast x[r][d]
+      // broadcast x[r][d]: rows of ldx channels, or (channels first) channels of ldx patches
+      const V xb = splat<V>(kChannelsFirst ? x[d * ldx + r] : x[r * ldx + d]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = fmadd(xb, pv[v], acc[r][v]);
     }
@@ -259,15 +263,28 @@ void distance_tile(const T* __restrict__ x, int64_t D, const T* __restrict__ pan
 }
 
 template <typename T, bool kCosine>
-using TileFn = void (*)(const T*, int64_t, const T*, const T*, const T*, T*, typename Simd<T>::Index*,
+using TileFn = void (*)(const T*, int64_t, int64_t, const T*, const T*, const T*, T*, typename Simd<T>::Index*,
                         typename Simd<T>::Index);
 
-template <typename T, bool kCosine, int... MRs>
+template <typename T, bool kCosine, bool kChannelsFirst, int... MRs>
 constexpr auto make_tile_table(std::integer_sequence<int, MRs...>) {
-  return std::array<TileFn<T, kCosine>, sizeof...(MRs)>{&distance_tile<T, MRs + 1, kCosine>...};
+  return std::array<TileFn<T, kCosine>, sizeof...(MRs)>{&distance_tile<T, MRs + 1, kCosine, kChannelsFirst>...};
 }
 
-template <typename T, bool kCosine>
+// Patch energies of one image stored channels first, xb[d][n]: S[n] = Σ_d xb[d][n]², accumulated over d in the
+// same order (one multiply, one add) for every patch, so identical patches get identical energies.
+template <typename T>
+void column_sum_squares(const T* __restrict__ xb, int64_t N, int64_t D, T* __restrict__ S) {
+  for (int64_t n = 0; n < N; ++n) S[n] = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* row = xb + d * N;
+    for (int64_t n = 0; n < N; ++n) S[n] += row[n] * row[n];
+  }
+}
+
+// x is [B, N, D] (rows of channels) or, with kChannelsFirst, [B, D, N] (an NCHW map viewed as [B, D, H·W]:
+// no transposed copy is needed; the microkernel broadcasts x[d][n0 + r] from consecutive addresses).
+template <typename T, bool kCosine, bool kChannelsFirst>
 void forward_kernel(const T* x, const T* p, int64_t B, int64_t N, int64_t M, int64_t D, T* values,
                     int64_t* argmin, T* packed, T* Qpad, T* S) {
   using Index = typename Simd<T>::Index;
@@ -278,7 +295,7 @@ void forward_kernel(const T* x, const T* p, int64_t B, int64_t N, int64_t M, int
   // Preparation, one parallel region: units [0, J) pack the prototypes into zero-padded panels
   // Pt[j][d][c] and compute Q (0 for padding columns); units [J, J + S_units) compute the patch energies S.
   constexpr int64_t kRowsPerUnit = 256;
-  const int64_t S_units = kCosine ? 0 : (B * N + kRowsPerUnit - 1) / kRowsPerUnit;
+  const int64_t S_units = kCosine ? 0 : (kChannelsFirst ? B : (B * N + kRowsPerUnit - 1) / kRowsPerUnit);
   at::parallel_for(0, J + S_units, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       if (u < J) {
@@ -294,6 +311,9 @@ void forward_kernel(const T* x, const T* p, int64_t B, int64_t N, int64_t M, int
             if (!kCosine) Qpad[m] = T(0);
           }
         }
+      } else if (kChannelsFirst) {
+        const int64_t b = u - J;
+        column_sum_squares(x + b * N * D, N, D, S + b * N);
       } else {
         const int64_t r0 = (u - J) * kRowsPerUnit, r1 = std::min(B * N, r0 + kRowsPerUnit);
         for (int64_t r = r0; r < r1; ++r) S[r] = sum_squares(x + r * D, D);
@@ -301,7 +321,9 @@ void forward_kernel(const T* x, const T* p, int64_t B, int64_t N, int64_t M, int
     }
   });
 
-  static constexpr auto tiles = make_tile_table<T, kCosine>(std::make_integer_sequence<int, kMaxRows<T>>{});
+  static constexpr auto tiles =
+      make_tile_table<T, kCosine, kChannelsFirst>(std::make_integer_sequence<int, kMaxRows<T>>{});
+  const int64_t ldx = kChannelsFirst ? N : D;
   const int64_t blocks = (N + kMaxRows<T> - 1) / kMaxRows<T>;  // balanced row blocks of ≤ kMaxRows patches
   const int64_t base_rows = N / blocks, extra_rows = N % blocks;
 
@@ -329,8 +351,8 @@ void forward_kernel(const T* x, const T* p, int64_t B, int64_t N, int64_t M, int
         int64_t n0 = 0;
         for (int64_t blk = 0; blk < blocks; ++blk) {
           const int64_t rows = base_rows + (blk < extra_rows ? 1 : 0);
-          tiles[rows - 1](xb + n0 * D, D, panel, kCosine ? nullptr : Sb + n0, Qj, run_min, run_arg,
-                          static_cast<Index>(n0));
+          tiles[rows - 1](kChannelsFirst ? xb + n0 : xb + n0 * D, D, ldx, panel, kCosine ? nullptr : Sb + n0, Qj,
+                          run_min, run_arg, static_cast<Index>(n0));
           n0 += rows;
         }
         const int64_t m0 = j * NR;
@@ -497,7 +519,9 @@ void grad_p_row(const T* pm, const T* x, const int64_t* row, const T* coef, int6
   }
 }
 
-template <typename T, bool kCosine>
+// x is [B, N, D] (patch rows); grad_x is written [B, N, D], or [B, D, N] with kGradChannelsFirst (each image's
+// rows are then assembled in a per-thread buffer and transposed out while they are in L1).
+template <typename T, bool kCosine, bool kGradChannelsFirst>
 void backward_kernel(const T* grad_values, const T* x, const T* p, const T* values, const int64_t* argmin,
                      const int64_t B, const int64_t N, const int64_t M, const int64_t D, T* grad_x, T* grad_p) {
   // grad_x: parallel over images, sequential over prototypes. Per image, thread the prototypes with a nonzero
@@ -506,6 +530,7 @@ void backward_kernel(const T* grad_values, const T* x, const T* p, const T* valu
   at::parallel_for(0, B, 1, [=](int64_t b0, int64_t b1) {
     std::vector<T> coef_buf(M);
     std::vector<int32_t> next_buf(M), head_buf(N), tail_buf(N);
+    std::vector<T> rows_buf(kGradChannelsFirst ? N * D : 0);
     T* __restrict__ coef = coef_buf.data();
     int32_t* __restrict__ next = next_buf.data();
     int32_t* __restrict__ head = head_buf.data();
@@ -536,7 +561,7 @@ void backward_kernel(const T* grad_values, const T* x, const T* p, const T* valu
         last = n;
       }
       const T* xb = x + b * N * D;
-      T* gxb = grad_x + b * N * D;
+      T* gxb = kGradChannelsFirst ? rows_buf.data() : grad_x + b * N * D;
       for (int64_t n = 0; n < N; ++n)
         if (head[n] < 0) std::fill(gxb + n * D, gxb + (n + 1) * D, T(0));
       int64_t d0 = 0;
@@ -552,6 +577,11 @@ void backward_kernel(const T* grad_values, const T* x, const T* p, const T* valu
           }
           gxb[n * D + d0] = acc;
         }
+      }
+      if (kGradChannelsFirst) {  // rows [N, D] -> grad_x[b] as [D, N]
+        T* out = grad_x + b * N * D;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t n = 0; n < N; ++n) out[d * N + n] = gxb[n * D + d];
       }
     }
   });
@@ -608,12 +638,14 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prototy
               op, ": too many patches or prototypes (at most 2^31 - 1)");
 }
 
+// channels_first: x is [B, D, N] (e.g. an NCHW map viewed as [B, D, H·W]) instead of [B, N, D].
 std::tuple<at::Tensor, at::Tensor> min_distances_forward(const at::Tensor& x_in, const at::Tensor& prototypes_in,
-                                                         bool cosine) {
-  check_inputs("min_distances_forward", x_in, prototypes_in);
+                                                         bool cosine, bool channels_first) {
+  check_inputs("min_distances_forward", channels_first ? x_in.transpose(1, 2) : x_in, prototypes_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor prototypes = prototypes_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), M = prototypes.size(0);
+  const int64_t B = x.size(0), M = prototypes.size(0);
+  const int64_t N = channels_first ? x.size(2) : x.size(1), D = channels_first ? x.size(1) : x.size(2);
 
   at::Tensor values = at::empty({B, M}, x.options());
   at::Tensor argmin = at::empty({B, M}, x.options().dtype(at::kLong));
@@ -626,23 +658,44 @@ std::tuple<at::Tensor, at::Tensor> min_distances_forward(const at::Tensor& x_in,
   at::Tensor Qpad = at::empty({J * NR}, x.options());
   at::Tensor S = at::empty({cosine ? 1 : B * N}, x.options());
 
-#define PF_FORWARD(T, COS)                                                                                       \
-  forward_kernel<T, COS>(x.const_data_ptr<T>(), prototypes.const_data_ptr<T>(), B, N, M, D,                     \
-                         values.mutable_data_ptr<T>(), argmin.mutable_data_ptr<int64_t>(),                        \
-                         packed.mutable_data_ptr<T>(), Qpad.mutable_data_ptr<T>(), S.mutable_data_ptr<T>())
+#define PF_FORWARD(T, COS, CF)                                                                                   \
+  forward_kernel<T, COS, CF>(x.const_data_ptr<T>(), prototypes.const_data_ptr<T>(), B, N, M, D,                 \
+                             values.mutable_data_ptr<T>(), argmin.mutable_data_ptr<int64_t>(),                    \
+                             packed.mutable_data_ptr<T>(), Qpad.mutable_data_ptr<T>(), S.mutable_data_ptr<T>())
+#define PF_FORWARD_LAYOUT(T, COS)            \
+  if (channels_first) PF_FORWARD(T, COS, true); \
+  else PF_FORWARD(T, COS, false)
   if (is_float) {
-    if (cosine) PF_FORWARD(float, true); else PF_FORWARD(float, false);
+    if (cosine) { PF_FORWARD_LAYOUT(float, true); } else { PF_FORWARD_LAYOUT(float, false); }
   } else {
-    if (cosine) PF_FORWARD(double, true); else PF_FORWARD(double, false);
+    if (cosine) { PF_FORWARD_LAYOUT(double, true); } else { PF_FORWARD_LAYOUT(double, false); }
   }
+#undef PF_FORWARD_LAYOUT
 #undef PF_FORWARD
   return {values, argmin};
 }
 
-std::tuple<at::Tensor, at::Tensor> min_distances_backward(const at::Tensor& grad_values_in, const at::Tensor& x_in,
-                                                          const at::Tensor& prototypes_in,
-                                                          const at::Tensor& values_in, const at::Tensor& argmin_in,
-                                                          bool cosine) {
+// channels_first: x is [B, D, N] and grad_x is returned in that layout. The passes below read patch rows, so x
+// is transposed once here ([B, N, D], one copy); the forward, which dominates, reads the channels-first map as is.
+std::tuple<at::Tensor, at::Tensor> min_distances_backward_rows(const at::Tensor& grad_values_in,
+                                                               const at::Tensor& x_in, const at::Tensor& prototypes_in,
+                                                               const at::Tensor& values_in,
+                                                               const at::Tensor& argmin_in, bool cosine,
+                                                               bool grad_channels_first);
+
+std::tuple<at::Tensor, at::Tensor> min_distances_backward(const at::Tensor& grad_values, const at::Tensor& x,
+                                                          const at::Tensor& prototypes, const at::Tensor& values,
+                                                          const at::Tensor& argmin, bool cosine, bool channels_first) {
+  if (!channels_first) return min_distances_backward_rows(grad_values, x, prototypes, values, argmin, cosine, false);
+  return min_distances_backward_rows(grad_values, x.transpose(1, 2).contiguous(), prototypes, values, argmin, cosine,
+                                     true);
+}
+
+std::tuple<at::Tensor, at::Tensor> min_distances_backward_rows(const at::Tensor& grad_values_in,
+                                                               const at::Tensor& x_in, const at::Tensor& prototypes_in,
+                                                               const at::Tensor& values_in,
+                                                               const at::Tensor& argmin_in, bool cosine,
+                                                               bool grad_channels_first) {
   const char* op = "min_distances_backward";
   check_inputs(op, x_in, prototypes_in);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2), M = prototypes_in.size(0);
@@ -662,7 +715,7 @@ std::tuple<at::Tensor, at::Tensor> min_distances_backward(const at::Tensor& grad
   const at::Tensor values = values_in.contiguous();
   const at::Tensor argmin = argmin_in.contiguous();
 
-  at::Tensor grad_x = at::empty({B, N, D}, x.options());
+  at::Tensor grad_x = grad_channels_first ? at::empty({B, D, N}, x.options()) : at::empty({B, N, D}, x.options());
   at::Tensor grad_p = at::empty({M, D}, x.options());
   if (B == 0 || M == 0) {
     grad_x.zero_();
@@ -670,15 +723,20 @@ std::tuple<at::Tensor, at::Tensor> min_distances_backward(const at::Tensor& grad
     return {grad_x, grad_p};
   }
 
-#define PF_BACKWARD(T, COS)                                                                                     \
-  backward_kernel<T, COS>(grad_values.const_data_ptr<T>(), x.const_data_ptr<T>(), prototypes.const_data_ptr<T>(), \
-                          values.const_data_ptr<T>(), argmin.const_data_ptr<int64_t>(), B, N, M, D,                \
-                          grad_x.mutable_data_ptr<T>(), grad_p.mutable_data_ptr<T>())
+#define PF_BACKWARD(T, COS, CF)                                                                                  \
+  backward_kernel<T, COS, CF>(grad_values.const_data_ptr<T>(), x.const_data_ptr<T>(),                           \
+                              prototypes.const_data_ptr<T>(), values.const_data_ptr<T>(),                          \
+                              argmin.const_data_ptr<int64_t>(), B, N, M, D, grad_x.mutable_data_ptr<T>(),          \
+                              grad_p.mutable_data_ptr<T>())
+#define PF_BACKWARD_LAYOUT(T, COS)                 \
+  if (grad_channels_first) PF_BACKWARD(T, COS, true); \
+  else PF_BACKWARD(T, COS, false)
   if (x.scalar_type() == at::kFloat) {
-    if (cosine) PF_BACKWARD(float, true); else PF_BACKWARD(float, false);
+    if (cosine) { PF_BACKWARD_LAYOUT(float, true); } else { PF_BACKWARD_LAYOUT(float, false); }
   } else {
-    if (cosine) PF_BACKWARD(double, true); else PF_BACKWARD(double, false);
+    if (cosine) { PF_BACKWARD_LAYOUT(double, true); } else { PF_BACKWARD_LAYOUT(double, false); }
   }
+#undef PF_BACKWARD_LAYOUT
 #undef PF_BACKWARD
   return {grad_x, grad_p};
 }
@@ -687,10 +745,12 @@ std::tuple<at::Tensor, at::Tensor> min_distances_backward(const at::Tensor& grad
 }  // namespace protofast
 
 TORCH_LIBRARY(protofast_cpu, m) {
-  m.def("min_distances_forward(Tensor x, Tensor prototypes, bool cosine) -> (Tensor values, Tensor argmin)");
+  m.def(
+      "min_distances_forward(Tensor x, Tensor prototypes, bool cosine, bool channels_first=False) -> "
+      "(Tensor values, Tensor argmin)");
   m.def(
       "min_distances_backward(Tensor grad_values, Tensor x, Tensor prototypes, Tensor values, Tensor argmin, "
-      "bool cosine) -> (Tensor grad_x, Tensor grad_prototypes)");
+      "bool cosine, bool channels_first=False) -> (Tensor grad_x, Tensor grad_prototypes)");
 }
 
 TORCH_LIBRARY_IMPL(protofast_cpu, CPU, m) {

@@ -15,21 +15,27 @@ import torch
 import torch.nn.functional as F
 
 
-def as_patch_sets(features: torch.Tensor, prototypes: torch.Tensor):
-    """Returns ``(X [B, N', K], P [M, K], map_shape)``; inputs must already be validated."""
+def as_patch_sets(features: torch.Tensor, prototypes: torch.Tensor, channels_first: bool = False):
+    """Returns ``(X [B, N', K], P [M, K], map_shape)``; inputs must already be validated.
+
+    ``channels_first=True`` (NCHW features only) returns X as [B, K, N'] instead, the transpose of the above:
+    a view of the map (or unfold's output) with no copy, for kernels that read that layout.
+    """
     M = prototypes.shape[0]
     if features.dim() == 3:  # [B, N, D] set of vectors
         return features, prototypes.reshape(M, -1), (features.shape[1],)
     B, D, H, W = features.shape
     h, w = (prototypes.shape[2], prototypes.shape[3]) if prototypes.dim() == 4 else (1, 1)
     if h == 1 and w == 1:
-        X = features.flatten(2).transpose(1, 2)  # [B, H·W, D], row-major (i, j)
+        X = features.flatten(2)  # [B, D, H·W], patches n = row-major (i, j)
     else:
         # valid sliding window, stride 1: column (i, j) holds x[b, :, i:i+h, j:j+w] flattened as (c, u, v)
-        X = F.unfold(features, (h, w)).transpose(1, 2)  # [B, H'·W', D·h·w]
+        X = F.unfold(features, (h, w))  # [B, D·h·w, H'·W']
+    if not channels_first:
+        X = X.transpose(1, 2)
     return X, prototypes.reshape(M, -1), (H - h + 1, W - w + 1)
 
 
-def normalize_patches(t: torch.Tensor) -> torch.Tensor:
-    """x / max(‖x‖₂, 1e-12) along the last axis (TesNet's and F.normalize's convention)."""
-    return F.normalize(t, dim=-1, eps=1e-12)
+def normalize_patches(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x / max(‖x‖₂, 1e-12) along ``dim`` (TesNet's and F.normalize's convention)."""
+    return F.normalize(t, dim=dim, eps=1e-12)

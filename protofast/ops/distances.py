@@ -69,9 +69,11 @@ def _accumulate_tile_grads(grad_X: Tensor, grad_P: Tensor, g: Tensor, X: Tensor,
 
 # ----------------------------------------------------------------------------------------------- min distances
 @torch.library.custom_op("protofast::set_min_distances", mutates_args=())
-def set_min_distances(X: Tensor, P: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def set_min_distances(X: Tensor, P: Tensor, metric: str, channels_first: bool = False) -> tuple[Tensor, Tensor]:
     if backend_for(X.device) == "cpp":
-        return torch.ops.protofast_cpu.min_distances_forward(X, P, metric == "cosine")
+        return torch.ops.protofast_cpu.min_distances_forward(X, P, metric == "cosine", channels_first)
+    if channels_first:
+        X = X.transpose(1, 2)  # a view: matmul reads the strides
     B, N, _ = X.shape
     M = P.shape[0]
     values = X.new_empty(B, M)
@@ -85,17 +87,21 @@ def set_min_distances(X: Tensor, P: Tensor, metric: str) -> tuple[Tensor, Tensor
 
 
 @set_min_distances.register_fake
-def _(X, P, metric):
+def _(X, P, metric, channels_first=False):
     B, M = X.shape[0], P.shape[0]
     return X.new_empty(B, M), X.new_empty(B, M, dtype=torch.long)
 
 
 @torch.library.custom_op("protofast::set_min_distances_backward", mutates_args=())
 def set_min_distances_backward(grad: Tensor, X: Tensor, P: Tensor, values: Tensor, argmin: Tensor,
-                               metric: str) -> tuple[Tensor, Tensor]:
+                               metric: str, channels_first: bool = False) -> tuple[Tensor, Tensor]:
     grad = grad.contiguous()
     if backend_for(X.device) == "cpp":
-        return torch.ops.protofast_cpu.min_distances_backward(grad, X, P, values, argmin, metric == "cosine")
+        return torch.ops.protofast_cpu.min_distances_backward(grad, X, P, values, argmin, metric == "cosine",
+                                                              channels_first)
+    if channels_first:
+        grad_X, grad_P = set_min_distances_backward(grad, X.transpose(1, 2).contiguous(), P, values, argmin, metric)
+        return grad_X.transpose(1, 2).contiguous(), grad_P
     B, N, _ = X.shape
     M = P.shape[0]
     G = grad if metric == "cosine" else torch.where(values > 0, grad, torch.zeros_like(grad))
@@ -110,22 +116,22 @@ def set_min_distances_backward(grad: Tensor, X: Tensor, P: Tensor, values: Tenso
 
 
 @set_min_distances_backward.register_fake
-def _(grad, X, P, values, argmin, metric):
+def _(grad, X, P, values, argmin, metric, channels_first=False):
     return torch.empty_like(X), torch.empty_like(P)
 
 
 def _min_setup(ctx, inputs, output):
-    X, P, metric = inputs
+    X, P, metric, channels_first = inputs
     values, argmin = output
     ctx.save_for_backward(X, P, values, argmin)
-    ctx.metric = metric
+    ctx.metric, ctx.channels_first = metric, channels_first
     ctx.mark_non_differentiable(argmin)
 
 
 def _min_backward(ctx, grad_values, grad_argmin):
     X, P, values, argmin = ctx.saved_tensors
-    grad_X, grad_P = set_min_distances_backward(grad_values, X, P, values, argmin, ctx.metric)
-    return grad_X, grad_P, None
+    grad_X, grad_P = set_min_distances_backward(grad_values, X, P, values, argmin, ctx.metric, ctx.channels_first)
+    return grad_X, grad_P, None, None
 
 
 set_min_distances.register_autograd(_min_backward, setup_context=_min_setup)
@@ -227,16 +233,25 @@ _log_similarity.register_autograd(_log_sim_backward, setup_context=_log_sim_setu
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _prepare(features, prototypes, metric):
-    """Validated canonical inputs: contiguous X [B, N, K], P [M, K] in a kernel dtype, and the map shape."""
+def _prepare(features, prototypes, metric, channels_first=False):
+    """Validated canonical inputs: contiguous X, P [M, K] in a kernel dtype, and the map shape.
+
+    X is [B, N, K] (patch rows), or with ``channels_first`` and NCHW features [B, K, N]: the map viewed as
+    [B, D, H·W] (or unfold's [B, D·h·w, L]) with no transposed copy, for ops whose kernels read that layout.
+    Returns ``(X, P, map_shape, channels_first)`` with the layout actually used.
+    """
     check_features_prototypes(features, prototypes)
     check_metric(metric)
     if features.dtype not in _KERNEL_DTYPES:  # float16 / bfloat16: accumulate in float32 (windows' backward too)
         features, prototypes = features.float(), prototypes.float()
-    X, P, map_shape = as_patch_sets(features, prototypes)
+    channels_first = channels_first and features.dim() == 4
+    if channels_first:
+        X, P, map_shape = as_patch_sets(features, prototypes, channels_first=True)
+    else:
+        X, P, map_shape = as_patch_sets(features, prototypes)
     if metric == "cosine":
-        X, P = normalize_patches(X), normalize_patches(P)
-    return X.contiguous(), P.contiguous(), map_shape
+        X, P = normalize_patches(X, dim=1 if channels_first else -1), normalize_patches(P)
+    return X.contiguous(), P.contiguous(), map_shape, channels_first
 
 
 def prototype_min_distances(features: Tensor, prototypes: Tensor, metric: str = "l2") -> tuple[Tensor, Tensor]:
@@ -255,15 +270,15 @@ def prototype_min_distances(features: Tensor, prototypes: Tensor, metric: str = 
         first occurrence of the minimum. A NaN anywhere in a row gives a NaN value. Gradients flow to the argmin
         patch only (O(B·M·D) backward).
     """
-    X, P, _ = _prepare(features, prototypes, metric)
-    values, argmin = set_min_distances(X, P, metric)
+    X, P, _, channels_first = _prepare(features, prototypes, metric, channels_first=True)
+    values, argmin = set_min_distances(X, P, metric, channels_first)
     return values.to(features.dtype), argmin
 
 
 def prototype_distance_maps(features: Tensor, prototypes: Tensor, metric: str = "l2") -> Tensor:
     """Full distance maps ``[B, M, H', W']`` (NCHW input) or ``[B, M, N]`` (set input), same math as
     :func:`prototype_min_distances`; computed in bounded-memory chunks. For heatmaps and push visualisation."""
-    X, P, map_shape = _prepare(features, prototypes, metric)
+    X, P, map_shape, _ = _prepare(features, prototypes, metric)
     maps = set_distance_maps(X, P, metric)
     return maps.reshape(maps.shape[0], maps.shape[1], *map_shape).to(features.dtype)
 

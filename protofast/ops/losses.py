@@ -467,7 +467,7 @@ def mean_distance_loss(features: Tensor, prototypes: Tensor, labels: Optional[Te
         if check_labels(labels, B, prototype_class_identity.shape[1]):
             raise ValueError("mean_distance_loss takes class indices labels [B], not multi-label targets")
         labels = labels.to(device=features.device, dtype=torch.long)
-    X, P, _ = _prepare(features, prototypes, metric)
+    X, P, _, _ = _prepare(features, prototypes, metric)
     if labels is not None:
         identity = prototype_class_identity.to(device=X.device, dtype=X.dtype)
     op = mean_distance if mode == "closed_form" else mean_distance_exact
