@@ -43,6 +43,7 @@
 //
 // Lean build: only ATen core headers and torch/library.h (no torch/extension.h, no pybind11).
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -675,6 +676,27 @@ std::tuple<at::Tensor, at::Tensor> min_distances_forward(const at::Tensor& x_in,
   return {values, argmin};
 }
 
+// [B, D, N] -> [B, N, D], one image at a time (an image is a few tens of KB: its transpose stays in L1; a generic
+// strided copy of the whole tensor is several times slower).
+at::Tensor transpose_images(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), D = x.size(1), N = x.size(2);
+  at::Tensor out = at::empty({B, N, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "transpose_images", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* in = src + b * D * N;
+        scalar_t* o = dst + b * N * D;
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t d = 0; d < D; ++d) o[n * D + d] = in[d * N + n];
+      }
+    });
+  });
+  return out;
+}
+
 // channels_first: x is [B, D, N] and grad_x is returned in that layout. The passes below read patch rows, so x
 // is transposed once here ([B, N, D], one copy); the forward, which dominates, reads the channels-first map as is.
 std::tuple<at::Tensor, at::Tensor> min_distances_backward_rows(const at::Tensor& grad_values_in,
@@ -687,8 +709,7 @@ std::tuple<at::Tensor, at::Tensor> min_distances_backward(const at::Tensor& grad
                                                           const at::Tensor& prototypes, const at::Tensor& values,
                                                           const at::Tensor& argmin, bool cosine, bool channels_first) {
   if (!channels_first) return min_distances_backward_rows(grad_values, x, prototypes, values, argmin, cosine, false);
-  return min_distances_backward_rows(grad_values, x.transpose(1, 2).contiguous(), prototypes, values, argmin, cosine,
-                                     true);
+  return min_distances_backward_rows(grad_values, transpose_images(x), prototypes, values, argmin, cosine, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> min_distances_backward_rows(const at::Tensor& grad_values_in,
