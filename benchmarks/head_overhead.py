@@ -4,7 +4,11 @@ autograd.Functions (no validation, no torch.library dispatch), interleaved again
 
 Run: python benchmarks/head_overhead.py   (needs the C++ extension; prints ms and ratios to the GEMM)
 """
-import torch, time, protofast as pf, protofast.bench as pb
+import time
+
+import torch
+
+import protofast.bench as pb
 import protofast._cpp as c; c.load_library()
 ops = torch.ops.protofast_cpu
 inp = pb.make_inputs(80); x, p, y, I = inp.x, inp.prototypes, inp.labels, inp.identity
