@@ -2,19 +2,24 @@
 
 - CPU tensors: the fused C++ kernel (``csrc/``, built just in time on first use) when it builds, else the
   chunked torch fallback.
-- Other devices: the chunked torch fallback (the Triton kernels are the CUDA path once they land).
-- ``PROTOFAST_BACKEND=cpp|torch`` (or ``auto``, the default) forces a backend; it is read at every call, so
-  tests and users can switch it at run time. ``cpp`` on a machine where the extension cannot be built raises.
+- CUDA tensors: the Triton kernels (``kernels/``, installed as ``protofast.kernels``) for the min-distance
+  operator and its backward, when Triton imports; the chunked torch fallback for everything else.
+- Other devices: the chunked torch fallback.
+- ``PROTOFAST_BACKEND=cpp|torch|triton`` (or ``auto``, the default) forces a backend; it is read at every call, so
+  tests and users can switch it at run time. ``cpp`` on a machine where the extension cannot be built raises;
+  ``triton`` on CPU tensors is accepted only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how
+  the GPU path is tested end to end on machines without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
 
 import torch
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "torch", "triton")
 
 
 def requested_backend() -> str:
@@ -24,14 +29,44 @@ def requested_backend() -> str:
     return name
 
 
+def triton_interpreter() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``: CPU tensors, no GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str | None]:
+    """``(available, error)``: whether the Triton kernels import (Triton installed and its version supported)."""
+    try:
+        from .kernels import prototype_distances  # noqa: F401
+    except Exception as exc:  # ImportError without triton, or an incompatible triton
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, None
+
+
 def backend_for(device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device``: ``"cpp"`` or ``"torch"``."""
+    """The backend that runs an op on tensors of ``device``: ``"cpp"``, ``"triton"`` or ``"torch"``.
+
+    Ops without a kernel for the returned backend run the chunked torch code (only the min-distance operator
+    and its backward have Triton kernels; the loss ops are O(B·M) and run as torch on the GPU)."""
     name = requested_backend()
     if name == "torch":
         return "torch"
+    if name == "triton":
+        if device.type == "cpu" and not triton_interpreter():
+            raise RuntimeError("PROTOFAST_BACKEND=triton on CPU tensors needs the Triton interpreter "
+                               "(TRITON_INTERPRET=1 set before the first import of triton)")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"PROTOFAST_BACKEND=triton runs on CUDA tensors, got a tensor on {device}")
+        ok, error = triton_status()
+        if not ok:
+            raise RuntimeError(f"PROTOFAST_BACKEND=triton but the Triton kernels are unavailable: {error}")
+        return "triton"
     if device.type != "cpu":
         if name == "cpp":
             raise RuntimeError(f"PROTOFAST_BACKEND=cpp runs on CPU tensors only, got a tensor on {device}")
+        if device.type == "cuda" and triton_status()[0]:
+            return "triton"
         return "torch"
     from . import _cpp
 
@@ -64,6 +99,7 @@ def info(build: bool = True) -> dict:
         except RuntimeError as exc:  # forced cpp without a compiler
             error = str(exc)
     cuda = torch.cuda.is_available()
+    triton_ok, triton_error = triton_status()
     return {
         "protofast": __version__,
         "torch": torch.__version__,
@@ -77,5 +113,8 @@ def info(build: bool = True) -> dict:
         "cpu_backend_error": error,
         "cpp_extension": _cpp.build_info(),
         "cuda_available": cuda,
-        "cuda_backend": "torch (Triton kernels not yet available)" if cuda else None,
+        "triton_kernels": triton_ok,
+        "triton_error": triton_error,
+        "gpu_path": ("triton" if triton_ok else "torch") if cuda else None,
+        "gpu_path_note": None if cuda else "no CUDA device: the Triton kernels are not used on this machine",
     }

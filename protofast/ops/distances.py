@@ -18,8 +18,11 @@ Operators (namespace ``protofast``):
     set_distance_maps_backward(grad, X, P, d, metric) -> (grad_X, grad_P)
     log_similarity(d, eps) -> log((d + 1) / (d + eps))
 
-Backends (``protofast._backend``): the fused C++ kernel for CPU tensors, else the chunked torch code below. The
-chunked code never holds more than ``_CHUNK_ELEMENTS`` distance entries at once.
+Backends (``protofast._backend``): the fused C++ kernel for CPU tensors, the Triton kernels (``kernels/``) for
+CUDA tensors (min distances forward and backward, full maps forward), else the chunked torch code below. The
+chunked code never holds more than ``_CHUNK_ELEMENTS`` distance entries at once. Only the Triton kernels read
+float16/bfloat16 X and P directly (accumulating in float32; values come back as float32); the other backends
+are handed float32 by the public functions.
 """
 from __future__ import annotations
 
@@ -31,6 +34,12 @@ from .._layout import as_patch_sets, normalize_patches
 from .._validation import check_features_prototypes, check_metric, check_tensor
 
 _CHUNK_ELEMENTS = 1 << 22  # distance entries per chunk of the torch fallback (16 MB in float32)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _values_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the min-distance values: float32 for half inputs (accumulated in float32), else the input's."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def _chunks(B: int, N: int, M: int):
@@ -70,7 +79,14 @@ def _accumulate_tile_grads(grad_X: Tensor, grad_P: Tensor, g: Tensor, X: Tensor,
 # ----------------------------------------------------------------------------------------------- min distances
 @torch.library.custom_op("protofast::set_min_distances", mutates_args=())
 def set_min_distances(X: Tensor, P: Tensor, metric: str, channels_first: bool = False) -> tuple[Tensor, Tensor]:
-    if backend_for(X.device) == "cpp":
+    backend = backend_for(X.device)
+    if backend == "triton" and X.dtype != torch.float64:  # (no float64 Triton kernels: chunked torch)
+        from ..kernels import prototype_distances as triton_kernels
+
+        return triton_kernels.min_distances_forward(X, P, metric == "cosine", channels_first)
+    if X.dtype in _HALF_DTYPES:  # only the Triton kernels read half inputs; elsewhere accumulate in float32
+        X, P = X.float(), P.float()
+    if backend == "cpp":
         return torch.ops.protofast_cpu.min_distances_forward(X, P, metric == "cosine", channels_first)
     if channels_first:
         X = X.transpose(1, 2)  # a view: matmul reads the strides
@@ -89,14 +105,23 @@ def set_min_distances(X: Tensor, P: Tensor, metric: str, channels_first: bool = 
 @set_min_distances.register_fake
 def _(X, P, metric, channels_first=False):
     B, M = X.shape[0], P.shape[0]
-    return X.new_empty(B, M), X.new_empty(B, M, dtype=torch.long)
+    return X.new_empty(B, M, dtype=_values_dtype(X.dtype)), X.new_empty(B, M, dtype=torch.long)
 
 
 @torch.library.custom_op("protofast::set_min_distances_backward", mutates_args=())
 def set_min_distances_backward(grad: Tensor, X: Tensor, P: Tensor, values: Tensor, argmin: Tensor,
                                metric: str, channels_first: bool = False) -> tuple[Tensor, Tensor]:
     grad = grad.contiguous()
-    if backend_for(X.device) == "cpp":
+    backend = backend_for(X.device)
+    if backend == "triton" and X.dtype != torch.float64:  # (no float64 Triton kernels: chunked torch)
+        from ..kernels import prototype_distances as triton_kernels
+
+        return triton_kernels.min_distances_backward(grad, X, P, values, argmin, metric == "cosine", channels_first)
+    if X.dtype in _HALF_DTYPES:  # as in the forward: float32 math, gradients returned in the inputs' dtype
+        grad_X, grad_P = set_min_distances_backward(grad.float(), X.float(), P.float(), values.float(), argmin,
+                                                    metric, channels_first)
+        return grad_X.to(X.dtype), grad_P.to(P.dtype)
+    if backend == "cpp":
         return torch.ops.protofast_cpu.min_distances_backward(grad, X, P, values, argmin, metric == "cosine",
                                                               channels_first)
     if channels_first:
@@ -140,6 +165,10 @@ set_min_distances.register_autograd(_min_backward, setup_context=_min_setup)
 # ----------------------------------------------------------------------------------------------- full maps
 @torch.library.custom_op("protofast::set_distance_maps", mutates_args=())
 def set_distance_maps(X: Tensor, P: Tensor, metric: str) -> Tensor:
+    if backend_for(X.device) == "triton" and X.dtype != torch.float64:
+        from ..kernels import prototype_distances as triton_kernels
+
+        return triton_kernels.distance_maps(X, P, metric == "cosine").to(X.dtype)
     B, N, _ = X.shape
     M = P.shape[0]
     out = X.new_empty(B, M, N)
@@ -233,8 +262,10 @@ _log_similarity.register_autograd(_log_sim_backward, setup_context=_log_sim_setu
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _prepare(features, prototypes, metric, channels_first=False):
+def _prepare(features, prototypes, metric, channels_first=False, keep_half=False):
     """Validated canonical inputs: contiguous X, P [M, K] in a kernel dtype, and the map shape.
+
+    ``keep_half``: leave float16/bfloat16 inputs as they are when the Triton kernels run them.
 
     X is [B, N, K] (patch rows), or with ``channels_first`` and NCHW features [B, K, N]: the map viewed as
     [B, D, H·W] (or unfold's [B, D·h·w, L]) with no transposed copy, for ops whose kernels read that layout.
@@ -242,7 +273,10 @@ def _prepare(features, prototypes, metric, channels_first=False):
     """
     check_features_prototypes(features, prototypes)
     check_metric(metric)
-    if features.dtype not in _KERNEL_DTYPES:  # float16 / bfloat16: accumulate in float32 (windows' backward too)
+    keep_half = keep_half and backend_for(features.device) == "triton"
+    if features.dtype not in _KERNEL_DTYPES and not keep_half:
+        # float16 / bfloat16 on the CPU kernels and the fallback: accumulate in float32 (windows' backward too).
+        # The Triton kernels read half inputs directly and accumulate in float32 themselves.
         features, prototypes = features.float(), prototypes.float()
     channels_first = channels_first and features.dim() == 4
     if channels_first:
@@ -270,7 +304,7 @@ def prototype_min_distances(features: Tensor, prototypes: Tensor, metric: str = 
         first occurrence of the minimum. A NaN anywhere in a row gives a NaN value. Gradients flow to the argmin
         patch only (O(B·M·D) backward).
     """
-    X, P, _, channels_first = _prepare(features, prototypes, metric, channels_first=True)
+    X, P, _, channels_first = _prepare(features, prototypes, metric, channels_first=True, keep_half=True)
     values, argmin = set_min_distances(X, P, metric, channels_first)
     return values.to(features.dtype), argmin
 
