@@ -213,6 +213,19 @@ def test_tie_at_relu_clamp_has_zero_gradient():
     assert torch.count_nonzero(gX) == 0 and torch.count_nonzero(gP) == 0
 
 
+def test_relu_clamp_by_rounding_has_zero_gradient():
+    """x ≠ p whose expanded float32 distance rounds to exactly 0 (true value 2.4e-7): the relu clamps it, so the
+    pair gets no gradient although x − p ≠ 0 (G = grad·[values > 0], SEMANTICS.md §0)."""
+    p = 1000.0 + 2.0 ** -11                                   # 8 float32 ulps above 1000
+    X = torch.tensor([[[1000.0], [5000.0]]])
+    P = torch.tensor([[p]])
+    assert float(P[0, 0]) != 1000.0
+    values, argmin = tk.min_distances_forward(X, P, False, False)
+    assert values.tolist() == [[0.0]] and argmin.tolist() == [[0]]
+    gX, gP = tk.min_distances_backward(torch.ones(1, 1), X, P, values, argmin, False, False)
+    assert torch.count_nonzero(gX) == 0 and torch.count_nonzero(gP) == 0
+
+
 def test_cosine_ties():
     """Unit vectors at the same angle to p (and copies of one direction) tie exactly: the first wins."""
     s = 0.5 ** 0.5
