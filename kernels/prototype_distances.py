@@ -347,6 +347,9 @@ def _check_inputs(X: Tensor, P: Tensor) -> None:
                         f"{P.dtype}")
     if X.device != P.device:
         raise ValueError(f"X and P must be on one device, got {X.device} and {P.device}")
+    if X.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton launchers need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got "
+                         f"{X.device}")
 
 
 def _patch_view(X: Tensor, channels_first: bool):

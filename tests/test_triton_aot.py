@@ -67,6 +67,14 @@ def test_dot_precision_follows_allow_tf32():
         matmul.allow_tf32 = saved
 
 
+def test_launchers_refuse_cpu_tensors_without_the_interpreter():
+    X, P = torch.zeros(2, 3, 4), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        tk.min_distances_forward(X, P, False, False)
+    with pytest.raises(ValueError, match="CUDA"):
+        tk.distance_maps(X, P, True)
+
+
 def test_cuobjdump_ships_with_triton():
     assert os.access(aot.cuobjdump_path(), os.X_OK), aot.cuobjdump_path()
 
