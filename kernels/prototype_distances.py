@@ -122,12 +122,14 @@ def _pick_maps(N: int, M: int, K: int, dtype: torch.dtype) -> Config:
     return small if N <= 32 else large
 
 
-def _pick_bwd_x(N: int, M: int, K: int, dtype: torch.dtype) -> Config:
-    """The 64 × 64 output tile once both N and K exceed 32, else the 32 × 32 one."""
+def _pick_bwd_x(N: int, M: int, K: int, dtype: torch.dtype, B: int = 1) -> Config:
+    """The 64 × 64 output tile once N and K exceed 32 and it still gives ≥ 2 waves of programs, else 32 × 32
+    (ProtoPNet, B = 80, N = 49, K = 128: 160 large-tile programs would leave an H100 under-filled → small)."""
     if interpreting():
         return INTERPRETER_CONFIG
     small, large = BWD_X_CONFIGS[_dtype_class(dtype)]
-    return small if N <= 32 or K <= 32 else large
+    programs = B * triton.cdiv(N, large.block_n) * triton.cdiv(K, large.block_k)
+    return large if N > 32 and K > 32 and programs >= _MIN_PROGRAMS else small
 
 
 def _pick_bwd_p(M: int, K: int, dtype: torch.dtype) -> Config:
@@ -408,7 +410,7 @@ def min_distances_backward(grad: Tensor, X: Tensor, P: Tensor, values: Tensor, a
             raise ValueError(f"{name} must be [B, M] = [{B}, {M}]{' int64' if dtype else ''}, got "
                              f"{tuple(t.shape)} {t.dtype}")
     _, _, sgb, sgn, sgk = _patch_view(grad_X, channels_first)
-    cfg = _pick_bwd_x(N, M, K, X.dtype)
+    cfg = _pick_bwd_x(N, M, K, X.dtype, B)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k), B)
     _min_distances_bwd_x_kernel[grid](
         grad, X, P, values, argmin, grad_X, N, M, K, sxb, sxn, sxk, sgb, sgn, sgk, P.stride(0), P.stride(1),

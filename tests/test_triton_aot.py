@@ -35,7 +35,7 @@ def test_heuristics_only_pick_enumerated_configs():
     sizes = [1, 15, 16, 17, 32, 33, 49, 64, 65, 196, 676, 2000, 4096]
     picks = {"min_distances_fwd": lambda n, m, k, dt: tk._pick_fwd(n, m, k, dt),
              "distance_maps": lambda n, m, k, dt: tk._pick_maps(n, m, k, dt),
-             "min_distances_bwd_x": lambda n, m, k, dt: tk._pick_bwd_x(n, m, k, dt),
+             "min_distances_bwd_x": lambda n, m, k, dt: tk._pick_bwd_x(n, m, k, dt, B=m),
              "min_distances_bwd_p": lambda n, m, k, dt: tk._pick_bwd_p(m, k, dt)}
     for kernel, pick in picks.items():
         selectable = _selectable(kernel)
