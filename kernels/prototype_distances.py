@@ -63,12 +63,12 @@ class Config:
     num_stages: int
 
 
-# Block sizes are per dtype class. float32 ``tl.dot`` in exact ("ieee") precision runs on FMA units with both
-# operand slices held in registers for the whole reduction step, so its reduction block is 16 (32 spills on
-# sm_80); float16/bfloat16 (and tf32) run on tensor cores and take 32. Warps and stages are the largest
-# tiles that compile without spills on sm_80 and sm_90 (4 warps or 2 stages on the 64-patch fp32 tile spill a few
-# registers under the ptxas options Triton 3.9 uses). The reduction axis is K for the forward and
-# the maps, M for the backward to X (W·P), none for the backward to P (a gathered sum, no dot).
+# Block sizes are per dtype class ("fp32", "half"). The reduction axis of each dot is K for the forward and the
+# maps, M for the backward to X (W·P); the backward to P has no dot (a gathered sum). float32 ``tl.dot`` in exact
+# ("ieee") precision runs on FMA units with both operand slices held in registers for the whole reduction step,
+# so its reduction block is 16 (32 spills on sm_80); float16/bfloat16 (and tf32) run on tensor cores and take 32.
+# Warps and stages are the largest that compile without spills on sm_80 and sm_90 under the ptxas options of
+# Triton 3.9 (4 warps or 2 stages on the 64-patch fp32 tile leave 8–16 bytes of stack on sm_90).
 #
 # Forward (min + argmin): one program owns BLOCK_M prototypes of one image and streams its N patches.
 FWD_CONFIGS = {
