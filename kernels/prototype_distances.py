@@ -38,6 +38,7 @@ Configs: ``FWD_CONFIGS``, ``MAPS_CONFIGS``, ``BWD_X_CONFIGS``, ``BWD_P_CONFIGS``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -67,14 +68,15 @@ class Config:
 # maps, M for the backward to X (W·P); the backward to P has no dot (a gathered sum). float32 ``tl.dot`` in exact
 # ("ieee") precision runs on FMA units with both operand slices held in registers for the whole reduction step,
 # so its reduction block is 16 (32 spills on sm_80); float16/bfloat16 (and tf32) run on tensor cores and take 32.
-# Warps and stages are the largest that compile without spills on sm_80 and sm_90 under the ptxas options of
-# Triton 3.9 (4 warps or 2 stages on the 64-patch fp32 tile leave 8–16 bytes of stack on sm_90).
+# Warps and stages were chosen so that every variant, generic and JIT-specialised (``protofast.kernels.aot``),
+# compiles without spills on sm_80 and sm_90 under the ptxas options of Triton 3.9: its ``--regAllocOptLevel=2``
+# sometimes spills 4–16 bytes at 80–168 registers (e.g. 4 warps, or 2 stages on the 64-patch fp32 tile).
 #
 # Forward (min + argmin): one program owns BLOCK_M prototypes of one image and streams its N patches.
 FWD_CONFIGS = {
-    "fp32": [Config("n32", block_n=32, block_m=64, block_k=16, num_warps=8, num_stages=2),   # sets, views
+    "fp32": [Config("n32", block_n=32, block_m=64, block_k=16, num_warps=8, num_stages=3),   # sets, views
              Config("n64", block_n=64, block_m=64, block_k=16, num_warps=8, num_stages=1)],  # 7×7 maps and up
-    "half": [Config("n32", block_n=32, block_m=64, block_k=32, num_warps=4, num_stages=3),
+    "half": [Config("n32", block_n=32, block_m=64, block_k=32, num_warps=8, num_stages=3),
              Config("n64", block_n=64, block_m=64, block_k=32, num_warps=8, num_stages=3)],
 }
 # Full maps: same tiles, but each program owns one patch block too (nothing streamed but K).
@@ -340,6 +342,42 @@ def _min_distances_bwd_p_kernel(GRAD, X, P, VALUES, ARGMIN, GRAD_P, B, M, K,
 # --------------------------------------------------------------------------------------------- launchers
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher would issue it: runtime ``args`` (in the kernel's parameter order, without
+    the constexprs), ``constexprs``, ``grid`` and ``config``."""
+
+    kernel: str
+    fn: object
+    grid: tuple
+    config: Config
+    args: tuple
+    constexprs: dict
+
+
+_captured: list | None = None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Within the block, launchers record their ``Launch``es instead of running them (outputs stay
+    uninitialised), and accept tensors on any device. The AOT check uses it to compile exactly what the launchers
+    would launch for a given workload, specialisations included, without a GPU."""
+    global _captured
+    outer, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = outer
+
+
+def _launch(kernel: str, fn, grid: tuple, cfg: Config, args: tuple, constexprs: dict) -> None:
+    if _captured is not None:
+        _captured.append(Launch(kernel, fn, grid, cfg, args, constexprs))
+        return
+    fn[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _check_inputs(X: Tensor, P: Tensor) -> None:
     if X.dim() != 3 or P.dim() != 2:
         raise ValueError(f"expected X [B, N, K] (or [B, K, N]) and P [M, K], got {tuple(X.shape)} and "
@@ -349,7 +387,7 @@ def _check_inputs(X: Tensor, P: Tensor) -> None:
                         f"{P.dtype}")
     if X.device != P.device:
         raise ValueError(f"X and P must be on one device, got {X.device} and {P.device}")
-    if X.device.type != "cuda" and not interpreting():
+    if X.device.type != "cuda" and not interpreting() and _captured is None:
         raise ValueError(f"the Triton launchers need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got "
                          f"{X.device}")
 
@@ -378,11 +416,10 @@ def min_distances_forward(X: Tensor, P: Tensor, cosine: bool, channels_first: bo
         return values, argmin
     cfg = _pick_fwd(N, M, K, X.dtype)
     grid = (triton.cdiv(M, cfg.block_m), B)
-    _min_distances_fwd_kernel[grid](
-        X, P, values, argmin, N, M, K, sxb, sxn, sxk, P.stride(0), P.stride(1),
-        COSINE=bool(cosine), DOT_PRECISION=_dot_precision(X.dtype),
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch("min_distances_fwd", _min_distances_fwd_kernel, grid, cfg,
+            (X, P, values, argmin, N, M, K, sxb, sxn, sxk, P.stride(0), P.stride(1)),
+            dict(COSINE=bool(cosine), DOT_PRECISION=_dot_precision(X.dtype),
+                 BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k))
     return values, argmin
 
 
@@ -412,17 +449,15 @@ def min_distances_backward(grad: Tensor, X: Tensor, P: Tensor, values: Tensor, a
     _, _, sgb, sgn, sgk = _patch_view(grad_X, channels_first)
     cfg = _pick_bwd_x(N, M, K, X.dtype, B)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k), B)
-    _min_distances_bwd_x_kernel[grid](
-        grad, X, P, values, argmin, grad_X, N, M, K, sxb, sxn, sxk, sgb, sgn, sgk, P.stride(0), P.stride(1),
-        COSINE=bool(cosine), BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch("min_distances_bwd_x", _min_distances_bwd_x_kernel, grid, cfg,
+            (grad, X, P, values, argmin, grad_X, N, M, K, sxb, sxn, sxk, sgb, sgn, sgk, P.stride(0), P.stride(1)),
+            dict(COSINE=bool(cosine), BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k))
     cfg = _pick_bwd_p(M, K, X.dtype)
     grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(K, cfg.block_k))
-    _min_distances_bwd_p_kernel[grid](
-        grad, X, P, values, argmin, grad_P, B, M, K, sxb, sxn, sxk, P.stride(0), P.stride(1),
-        grad_P.stride(0), grad_P.stride(1),
-        COSINE=bool(cosine), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch("min_distances_bwd_p", _min_distances_bwd_p_kernel, grid, cfg,
+            (grad, X, P, values, argmin, grad_P, B, M, K, sxb, sxn, sxk, P.stride(0), P.stride(1),
+             grad_P.stride(0), grad_P.stride(1)),
+            dict(COSINE=bool(cosine), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k))
     return grad_X, grad_P
 
 
@@ -438,11 +473,10 @@ def distance_maps(X: Tensor, P: Tensor, cosine: bool) -> Tensor:
         return out
     cfg = _pick_maps(N, M, K, X.dtype)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), B)
-    _distance_maps_kernel[grid](
-        X, P, out, N, M, K, sxb, sxn, sxk, P.stride(0), P.stride(1),
-        COSINE=bool(cosine), DOT_PRECISION=_dot_precision(X.dtype),
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launch("distance_maps", _distance_maps_kernel, grid, cfg,
+            (X, P, out, N, M, K, sxb, sxn, sxk, P.stride(0), P.stride(1)),
+            dict(COSINE=bool(cosine), DOT_PRECISION=_dot_precision(X.dtype),
+                 BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k))
     return out
 
 

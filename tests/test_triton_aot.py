@@ -1,8 +1,8 @@
 """Ahead-of-time compile check of the Triton kernels (DESIGN.md §3, gate 2), in the main test process.
 
 Every kernel × config × dtype × constexpr combination the launchers can select is compiled to a cubin for sm_80
-and sm_90 (no GPU needed); every one must fit the architecture's shared memory and must not spill (cuobjdump's
-STACK and LOCAL are 0). ``python -m protofast.kernels.aot`` prints the same table (docs/kernels.md).
+and sm_90 (no GPU needed), generically and as the JIT specialises it for the ProtoPNet and ProtoMask workloads;
+every one must fit the architecture's shared memory and must not spill (cuobjdump's STACK and LOCAL are 0). ``python -m protofast.kernels.aot`` prints the same table (docs/kernels.md).
 The interpreter parity tests live in tests/triton/ and run in their own process (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -79,9 +79,29 @@ def test_cuobjdump_ships_with_triton():
     assert os.access(aot.cuobjdump_path(), os.X_OK), aot.cuobjdump_path()
 
 
+def test_workload_launches_are_enumerated_and_specialised_like_the_jit():
+    """What the launchers launch on the AOT workloads uses enumerated configs, and the JIT specialisation turns
+    unit strides into constants (ProtoPNet's NCHW map read channels-first: the patch stride is 1)."""
+    variants = {(v.kernel, v.config, v.dtype, tuple(sorted(v.constexprs.items()))) for v in tk.kernel_variants()}
+    for name in aot.WORKLOADS:
+        launches = aot.workload_launches(name)
+        assert {launch.kernel for _, launch in launches} == {"min_distances_fwd", "distance_maps",
+                                                              "min_distances_bwd_x", "min_distances_bwd_p"}
+        for dtype, launch in launches:
+            key = (launch.kernel, launch.config, dtype, tuple(sorted(launch.constexprs.items())))
+            assert key in variants, f"{name}: launch not covered by kernel_variants(): {key}"
+    fwd = next(launch for dtype, launch in aot.workload_launches("protopnet") if launch.kernel == "min_distances_fwd")
+    signature, constexprs, attrs = aot.specialise(fwd)
+    assert signature["stride_xn"] == "constexpr" and constexprs["stride_xn"] == 1
+    assert signature["stride_xk"] == "i32" and signature["X"] == "*fp32"
+    assert attrs[(0,)] == [["tt.divisibility", 16]]          # X's data pointer is 16-byte aligned
+
+
 def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
     rows = aot.resource_table()
-    assert len(rows) == 2 * len(list(tk.kernel_variants()))
+    generic = [r for r in rows if r.spec == "generic"]
+    assert len(generic) == 2 * len(list(tk.kernel_variants()))
+    assert {r.spec for r in rows} == {"generic", *aot.WORKLOADS}
     assert {r.arch for r in rows} == {80, 90}
     assert all(r.regs > 0 for r in rows)
     for r in rows:
@@ -92,8 +112,8 @@ def test_every_variant_compiles_for_sm80_and_sm90_without_spills():
 
 def test_violations_flags_spills_and_shared_memory():
     """The gate itself can fail: synthetic rows over the limits are reported."""
-    ok = aot.Resources("k", "c", "float32", "", 80, 128, 1024, 0, 0)
-    too_much_smem = aot.Resources("k", "c", "float32", "", 80, 128, aot.SMEM_LIMIT[80] + 1, 0, 0)
-    spill = aot.Resources("k", "c", "float32", "", 90, 255, 1024, 8, 0)
+    ok = aot.Resources("k", "c", "float32", "", "generic", 80, 128, 1024, 0, 0)
+    too_much_smem = aot.Resources("k", "c", "float32", "", "generic", 80, 128, aot.SMEM_LIMIT[80] + 1, 0, 0)
+    spill = aot.Resources("k", "c", "float32", "", "generic", 90, 255, 1024, 8, 0)
     assert aot.violations([ok]) == []
     assert len(aot.violations([ok, too_much_smem, spill])) == 2
