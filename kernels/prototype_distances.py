@@ -31,10 +31,11 @@ Indexing: the per-image base offset b·stride is int64; offsets inside one image
 inside P are int32, so one image and P must each hold fewer than 2³¹ elements.
 
 Configs: ``FWD_CONFIGS``, ``MAPS_CONFIGS``, ``BWD_X_CONFIGS``, ``BWD_P_CONFIGS`` (two per dtype class, "fp32" and
-"half", picked by the ``_pick_*`` heuristics on (N, M, K, dtype)). Under ``TRITON_INTERPRET=1`` (read at call time) every launcher uses
-``INTERPRETER_CONFIG`` instead: 16 is the smallest block ``tl.dot`` accepts and keeps the CPU interpreter fast.
-``kernel_variants()`` enumerates every (kernel, config, dtype, constexprs) the launchers can select on a GPU;
-``protofast.kernels.aot`` compiles them all for sm_80 and sm_90.
+"half", picked by the ``_pick_*`` heuristics on (N, M, K, dtype)). Under ``TRITON_INTERPRET=1`` (read at every
+call) every launcher uses ``INTERPRETER_CONFIG`` instead: 16 is the smallest block ``tl.dot`` accepts and keeps
+the CPU interpreter fast. ``kernel_variants()`` enumerates every (kernel, config, dtype, constexprs) the launchers
+can select on a GPU, and ``capture_launches()`` records what they would launch for given tensors;
+``protofast.kernels.aot`` compiles both for sm_80 and sm_90.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Every kernel × config × dtype × constexpr combination the launchers can select is compiled to a cubin for sm_80
 and sm_90 (no GPU needed), generically and as the JIT specialises it for the ProtoPNet and ProtoMask workloads;
-every one must fit the architecture's shared memory and must not spill (cuobjdump's STACK and LOCAL are 0). ``python -m protofast.kernels.aot`` prints the same table (docs/kernels.md).
+every one must fit the architecture's shared memory and must not spill (cuobjdump's STACK and LOCAL are 0).
+``python -m protofast.kernels.aot`` prints the same table (docs/kernels.md).
 The interpreter parity tests live in tests/triton/ and run in their own process (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def test_heuristics_only_pick_enumerated_configs():
              "min_distances_bwd_p": lambda n, m, k, dt: tk._pick_bwd_p(m, k, dt)}
     for kernel, pick in picks.items():
         selectable = _selectable(kernel)
-        chosen = {(pick(n, m, k, dt), dt) for n, m, k in itertools.product(sizes, repeat=3) for dt in tk.SUPPORTED_DTYPES}
+        chosen = {(pick(n, m, k, dt), dt) for n, m, k in itertools.product(sizes, repeat=3)
+                  for dt in tk.SUPPORTED_DTYPES}
         assert chosen <= selectable, f"{kernel}: picked configs that are never compiled: {chosen - selectable}"
         assert len({c for c, _ in chosen}) >= 2, f"{kernel}: the heuristic never uses its second config"
 
