@@ -24,3 +24,9 @@ __all__ = [
     "masked_l1",
     "mean_distance_loss",
 ]
+
+# ProtoPNet end to end (issue #4): projection and the cfchen-duke drop-in
+from . import compat  # noqa: E402
+from .push import PushResult, push_prototypes  # noqa: E402
+
+__all__ += ["push_prototypes", "PushResult", "compat"]
