@@ -276,3 +276,16 @@ def test_distributed_push_equals_single_process(tmp_path):
     assert torch.equal(merged["position"], single.position)
     torch.testing.assert_close(merged["distance"], single.distance)
     assert (single.image_index[6:] == -1).all()                      # class 3 unseen, zero in both
+
+
+def test_protofast_protopnet_model_matches_original_loop():
+    """protofast.models.ProtoPNet (a real backbone and add-on) through both push implementations."""
+    models = pytest.importorskip("protofast.models")
+    torch.manual_seed(0)
+    model = models.ProtoPNet(models.SmallCNN(), num_classes=4, prototypes_per_class=2, prototype_shape=(8, 1, 1),
+                             input_shape=(3, 16, 16))
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.rand(20, 3, 16, 16, generator=g), torch.randint(0, 3, (20,), generator=g)
+    result, ref, ref_model = _push_both(model, _loader(images, labels, batch=6))
+    _assert_same(result, ref, model, ref_model)
+    assert (~result.found[6:]).all() and result.found[:6].all()
