@@ -15,13 +15,20 @@ Ties therefore go to the earliest image in loader order, then the earliest (i, j
 ``reset_per_batch=True`` reproduces uos-sis/quanproto (§3.5): best[m] is reset to +inf at every batch, so each
 prototype ends on the best patch of the *last* batch containing its class.
 
-How it is computed: per batch, :func:`protofast.prototype_min_distances` (fused distance + min over positions,
-nothing of size B×M×H'×W' is formed) evaluated only on the candidate (image, prototype) pairs, one call per class
-present in the batch (one call for all pairs when ``class_specific=False``), gives values[b, m] (+inf for
-non-candidates) and the first-occurrence position argmin[b, m]. ``torch.min`` over the batch dimension (first
-occurrence) picks b*, so (b*, argmin[b*, m]) is the first occurrence of v over (candidate image, position).
-Everything stays on the model's device; only the winning patches are copied, into an [M, D, h, w] buffer.
-Memory: O(B·D·H·W + B·M + M·D·h·w) per batch, independent of the dataset size.
+How it is computed, per batch, on the model's device (nothing of size B×M×H'×W' is formed):
+
+* class-specific (the default): each image has c candidate prototypes (those of its class; c = 10 at ProtoPNet's
+  defaults, against M = 2000). They are gathered per image and the B×c distance maps are formed by one batched
+  GEMM in the expanded form above, then reduced over positions (first occurrence): B·c·H'·W' entries, not
+  B·M·H'·W'. A ``scatter_reduce`` over the (image, slot) pairs gives, per prototype, the batch minimum v and its
+  first (image, position). On the CPU this small search runs on one thread (parallel regions cost more than they
+  save at this size);
+* ``class_specific=False`` (or multi-label targets with many positive classes, c > M/4): the fused
+  :func:`protofast.prototype_min_distances` over all B×M pairs (masked to +inf for non-candidates), then
+  ``torch.min`` over the batch (first occurrence).
+
+Only the winning patches are copied, into an [M, D, h, w] buffer. Memory: O(B·D·H·W + B·c·H'·W' + M·D·h·w) per
+batch (O(B·M) more on the fused path), independent of the dataset size.
 
 Distributed (``torch.distributed`` initialised): each rank pushes over its shard and the per-rank results are
 merged with ``all_gather`` of (distance, global image index, position, patch): per prototype the minimum distance
@@ -34,7 +41,7 @@ is assumed to see the whole dataset in the same order and the index is the posit
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor

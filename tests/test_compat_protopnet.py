@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import protofast
 import protofast.compat.protopnet as pf
 from protopnet_original_module import PPNet, construct_tiny_ppnet, push_prototypes as original_push, train_costs
 
@@ -102,7 +101,8 @@ def test_pickle_deepcopy_patch_twice_and_unpatch(tmp_path):
     original, patched = _pair()
     x, _ = _batch(seed=4)
     expected = original(x)[0]
-    assert pf.patch(patched) is patched and type(type(patched).__mro__[1]) is type   # idempotent
+    cls = type(patched)
+    assert pf.patch(patched) is patched and type(patched) is cls and cls.__mro__[2] is PPNet   # idempotent
     path = os.path.join(tmp_path, "ppnet.pth")
     torch.save(patched, path)
     loaded = torch.load(path, weights_only=False)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copyreg
 import os
 import time
-from typing import Callable, Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
