@@ -154,7 +154,7 @@ def _wrap(model: ProtoPNet, device) -> nn.Module:
     if _dist()[1] == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def train_protopnet(model: ProtoPNet, train_loader: DataLoader, test_loader: DataLoader, epochs: int,
@@ -197,7 +197,9 @@ def train_protopnet(model: ProtoPNet, train_loader: DataLoader, test_loader: Dat
         if loss not in ("minmax", "mean"):
             raise ValueError(f"loss must be 'minmax' or 'mean', got {loss!r}")
         model.loss_mode = loss
-    push_epochs = sorted(set([epochs - 1] if push_epochs is None else push_epochs))
+    if push_epochs is None:
+        push_epochs = [epochs - 1] if epochs > 0 else []
+    push_epochs = sorted(set(push_epochs))
     if any(not 0 <= e < epochs for e in push_epochs):
         raise ValueError(f"push_epochs must lie in [0, {epochs}), got {push_epochs}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
