@@ -174,6 +174,9 @@ class ProtoPNet(nn.Module):
         coefs: overrides of the loss coefficients (keys ``crs_ent, clst, sep, l1, mean``).
         exact_cluster: ``False`` (the original multiply-then-max cluster/separation) or ``True`` (true masked
             minimum), see :func:`protofast.cluster_separation_costs`.
+        mean_reading: which "mean distance" ``loss="mean"`` uses (SEMANTICS.md §1.7): ``"all_patches"``
+            (reading (A), default: ``protofast.mean_distance_loss``, the mean of d over b, m and every patch, in
+            closed form) or ``"min_distances"`` (reading (B): the mean of ``min_distances`` over b, m).
 
     Attributes: ``features``, ``add_on_layers``, ``prototype_vectors [M, D, h, w]``,
     ``prototype_class_identity [M, K]`` (buffer), ``last_layer`` (``nn.Linear(M, K, bias=False)``),
