@@ -19,7 +19,7 @@ purity metric ("does prototype m's nearest patch lie on part p?").
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
