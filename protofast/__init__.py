@@ -24,3 +24,14 @@ __all__ = [
     "masked_l1",
     "mean_distance_loss",
 ]
+
+# ProtoPNet end to end (issue #4): projection and the cfchen-duke drop-in
+from . import compat  # noqa: E402
+from .push import PushResult, push_prototypes  # noqa: E402
+
+__all__ += ["push_prototypes", "PushResult", "compat"]
+
+# ProtoPNet end to end (issue #4): datasets, the reference model, the training loop
+from . import data, models, train  # noqa: E402
+
+__all__ += ["data", "models", "train"]

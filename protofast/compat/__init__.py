@@ -1,0 +1,16 @@
+"""Drop-ins that make existing prototype-network codebases use protofast without rewriting them.
+
+* :mod:`protofast.compat.protopnet`: cfchen-duke/ProtoPNet ``PPNet`` objects (``patch``/``unpatch``), the
+  training loop's cost terms (``costs``) and ``push_prototypes`` with the original call signature.
+
+Submodules are imported lazily (``import protofast.compat.protopnet``); importing this package does no work.
+"""
+import importlib
+
+__all__ = ["protopnet"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
