@@ -14,24 +14,24 @@ from .ops import (
     prototype_min_distances,
 )
 
+from . import compat, data, models, train
+from .push import PushResult, push_prototypes
+
 __all__ = [
     "__version__",
     "info",
+    # operators
     "prototype_min_distances",
     "prototype_distance_maps",
     "log_similarity",
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
+    "push_prototypes",
+    "PushResult",
+    "models",
+    "data",
+    "train",
+    "compat",
 ]
-
-# ProtoPNet end to end (issue #4): projection and the cfchen-duke drop-in
-from . import compat  # noqa: E402
-from .push import PushResult, push_prototypes  # noqa: E402
-
-__all__ += ["push_prototypes", "PushResult", "compat"]
-
-# ProtoPNet end to end (issue #4): datasets, the reference model, the training loop
-from . import data, models, train  # noqa: E402
-
-__all__ += ["data", "models", "train"]
