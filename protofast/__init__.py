@@ -14,7 +14,7 @@ from .ops import (
     prototype_min_distances,
 )
 
-from . import compat, data, models, train
+from . import compat, data, metrics, models, train
 from .push import PushResult, push_prototypes
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "models",
     "data",
     "train",
+    "metrics",
     "compat",
 ]

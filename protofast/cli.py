@@ -161,9 +161,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         head = sum(r["head_s"] for r in train_rows)
         say(f"final test accuracy {result.test_acc:.4f}; training {result.seconds:.1f} s "
             f"(backbone {backbone:.1f} s, prototype head {head:.1f} s)")
+        purity = None
+        if rank == 0 and hasattr(train_set, "part_locations"):
+            from .metrics import part_purity
+
+            purity = part_purity(model, train_set, k=10)
+            say(f"part purity (10 nearest training patches per prototype): mean {purity.mean_purity:.2f}, "
+                f"on the class's own parts {float(purity.on_class_part.mean()):.2f}")
         if rank == 0:
             extra = {"train": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
                      "test_acc": result.test_acc, "seconds": result.seconds, "history": result.history}
+            if purity is not None:
+                extra["part_purity"] = {"mean": purity.mean_purity, "per_prototype": purity.purity.tolist(),
+                                        "on_class_part": purity.on_class_part.tolist()}
             save_checkpoint(model, args.out, extra=extra)
             say(f"checkpoint written to {os.path.abspath(args.out)} (model.pt, config.json)")
             if not args.no_figure:
