@@ -98,6 +98,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 1
     result["command"] = " ".join(["protofast"] + (args.argv or []))
     print(bench.format_report(result))
+    if not args.no_push:
+        from . import push_bench
+
+        print(f"\nProtoPNet push (projection): the original host-side loop vs protofast.push_prototypes, "
+              f"{args.push_images} images, interleaved, {min(repeats, 3)} rounds")
+        push = push_bench.run_push_benchmark(num_images=args.push_images, repeats=min(repeats, 3), seed=args.seed)
+        result["push"] = push
+        print(push_bench.format_push_report(push))
     if args.out != "-":
         bench.write_json(result, args.out)
         print(f"\nresults written to {os.path.abspath(args.out)}")
@@ -226,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "step: the full training loss, adding the last layer, cross-entropy and l1")
     p_bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_bench.add_argument("--no-push", action="store_true",
+                         help="skip the push benchmark (original host-side loop vs protofast.push_prototypes)")
+    p_bench.add_argument("--push-images", type=int, default=2000, metavar="N",
+                         help="images in the push benchmark (default 2000)")
     p_bench.set_defaults(func=cmd_bench)
 
     p_train = sub.add_parser(

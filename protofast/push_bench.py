@@ -140,7 +140,8 @@ def run_push_benchmark(num_images: int = 2000, batch_size: int = 75, repeats: in
 def format_push_report(result: Dict) -> str:
     cfg, env = result["config"], result["environment"]
     lines = [f"push over {cfg['num_images']} images (batch {cfg['batch_size']}), M=2000 prototypes 128x1x1, "
-             f"K=200, 7x7 maps; torch {env['torch']}, {env['threads']} thread(s), load {env['loadavg_1min']}",
+             f"K=200, 7x7 maps; torch {env['torch']}, {env['threads']} thread(s), "
+             f"1-min load {'-' if env['loadavg_1min'] is None else format(env['loadavg_1min'], '.2f')}",
              f"{'provider':<12}{'median ms':>12}   all rounds (ms)"]
     for p, med in result["median_ms"].items():
         rounds = ", ".join(f"{t:.0f}" for t in result["times_ms"][p])

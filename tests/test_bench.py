@@ -41,3 +41,17 @@ def test_cli_info_json():
                          check=True).stdout
     info = json.loads(out)
     assert info["torch"] and info["cpu_backend"] in ("cpp", "torch")
+
+
+def test_cli_bench_runs_head_and_push_and_writes_json(tmp_path):
+    """The main job end to end at a tiny size: head table, push comparison (identical results), JSON."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "protofast.cli", "bench", "--batch-sizes", "2", "--providers",
+                           "original", "protofast", "gemm", "--repeats", "1", "--no-memory", "--no-progress",
+                           "--push-images", "150", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "speed-up (original / protofast)" in proc.stdout
+    assert "identical prototypes and image indices: True" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["push"]["agree"] is True and result["push"]["config"]["num_images"] == 150
+    assert result["push"]["ratio"] > 0
