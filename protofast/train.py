@@ -372,7 +372,9 @@ def save_prototype_figure(model: ProtoPNet, train_dataset, test_dataset, path: s
     """A PNG with one row per class (the first ``max_classes``): for each of the class's prototypes, its nearest
     training patch (:func:`nearest_patches`, the patch a push would pick) boxed on that training image, then
     ``n_test`` test images of the class with the similarity map ``log((d + 1)/(d + ε))`` of the class's most
-    activated prototype (bilinearly upsampled) overlaid. Boxes map feature cells to pixels proportionally.
+    activated prototype (bilinearly upsampled) overlaid. Yellow boxes map the nearest patch's feature cells to
+    pixels proportionally; dashed cyan boxes are the original ProtoPNet's high-activation crop (pixels at or above
+    the 95th percentile of the bicubically upsampled similarity map).
     Needs matplotlib (``pip install protofast[plot]``)."""
     try:
         import matplotlib
@@ -383,6 +385,7 @@ def save_prototype_figure(model: ProtoPNet, train_dataset, test_dataset, path: s
     except ImportError as exc:
         raise ImportError("save_prototype_figure needs matplotlib: pip install 'protofast[plot]'") from exc
     import protofast
+    from .compat.protopnet import _upsample, find_high_activation_crop
 
     model = _unwrap(model)
     device = device or next(model.parameters()).device
@@ -413,6 +416,12 @@ def save_prototype_figure(model: ProtoPNet, train_dataset, test_dataset, path: s
             H, W = z.shape[2:]
             y0, y1, x0, x1 = _box(int(position[m, 0]), int(position[m, 1]), h, w, H, W, *image.shape[1:])
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", lw=1.5))
+            # the original's "high-activation" box: 95th percentile of the bicubically upsampled similarity map
+            maps = protofast.prototype_distance_maps(z, model.prototype_vectors[m:m + 1])[0, 0]
+            act = protofast.log_similarity(maps.clamp_min(0), model.epsilon).float().cpu().numpy()
+            y0, y1, x0, x1 = find_high_activation_crop(_upsample(act, image.shape[1]), 95)
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", lw=1,
+                                   linestyle="--"))
             ax.set_title((f"class {k}: " if c == 0 else "") + f"p{m} d={float(distance[m]):.2f}", fontsize=7)
         test_idx = (test_labels == k).nonzero().flatten().tolist()[:n_test]
         for c in range(n_test):
@@ -431,7 +440,8 @@ def save_prototype_figure(model: ProtoPNet, train_dataset, test_dataset, path: s
             ax.axis("on")
             ax.imshow(up.numpy(), cmap="jet", alpha=0.45)
             ax.set_title(f"test: p{protos[best]} s={float(sim.max()):.1f}", fontsize=7)
-    fig.suptitle("prototypes (nearest training patch) | similarity heatmaps on test images", fontsize=9)
+    fig.suptitle("prototypes: nearest training patch (yellow: its cells, cyan: 95th-percentile activation) | "
+                 "similarity heatmaps on test images", fontsize=8)
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
