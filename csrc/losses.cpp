@@ -36,6 +36,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -56,36 +59,57 @@ inline bool replaces_min(T v, T best) {
   return !std::isnan(best) && (v < best || std::isnan(v));
 }
 
-// First-occurrence arg-max of value(0..n−1) with torch.max's rules (ties: the first; a NaN wins, the first
-// one). Two passes instead of one running compare-and-select, whose loop-carried dependency costs ~10 cycles
-// an element: a 4-way partial max plus a NaN flag, then the first index whose value equals the maximum.
-template <typename T, typename F>
-inline int64_t first_argmax(const F& value, int64_t n, T* best_out) {
-  T part[4] = {value(0), value(0), value(0), value(0)};
+// First-occurrence arg-max of v[0..n−1] with torch.max's rules (ties: the first; a NaN wins, the first one).
+// Vectorised without reassociating anything: each SIMD lane keeps the running maximum of its own subsequence
+// and the index where it first reached it (strict ">", so the earliest index in the lane); the lanes are then
+// merged by value and, among equal values, by the smallest index — exactly the first occurrence overall. The
+// rare NaN case is resolved by a scalar scan for the first NaN.
+template <typename T>
+inline int64_t first_argmax(const T* __restrict__ v, int64_t n, T* best_out) {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;  // index lanes as wide as the values
+  constexpr int L = 64 / sizeof(T);
+  typedef T V __attribute__((vector_size(64)));
+  typedef I VI __attribute__((vector_size(64)));
+  int64_t first = 0;
+  T best = v[0];
   bool any_nan = false;
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int k = 0; k < 4; ++k) {
-      const T v = value(i + k);
-      any_nan |= v != v;
-      part[k] = v > part[k] ? v : part[k];
+  if (n >= 2 * L && n <= std::numeric_limits<int32_t>::max()) {
+    V bv, x;
+    VI bi, cur, nan{};
+    std::memcpy(&bv, v, sizeof(V));
+    for (int k = 0; k < L; ++k) cur[k] = k;
+    bi = cur;
+    nan = bv != bv;
+    for (i = L; i + L <= n; i += L) {
+      std::memcpy(&x, v + i, sizeof(V));
+      cur += L;
+      const VI gt = x > bv;
+      bv = gt ? x : bv;
+      bi = gt ? cur : bi;
+      nan |= x != x;
     }
-  for (; i < n; ++i) {
-    const T v = value(i);
-    any_nan |= v != v;
-    part[0] = v > part[0] ? v : part[0];
-  }
-  T best = part[0];
-  for (int k = 1; k < 4; ++k) best = part[k] > best ? part[k] : best;
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = value(j);
-    if (any_nan ? v != v : v == best) {
-      *best_out = v;
-      return j;
+    best = bv[0], first = bi[0];
+    for (int k = 0; k < L; ++k) {
+      any_nan |= nan[k] != 0;
+      if (bv[k] > best || (bv[k] == best && bi[k] < first)) best = bv[k], first = bi[k];
     }
+  } else {
+    i = 1;
+    any_nan = v[0] != v[0];
   }
-  *best_out = best;  // unreachable: the maximum is one of the values
-  return 0;
+  for (; i < n; ++i) {  // tail (indices above every lane's): strict ">" keeps the first occurrence
+    any_nan |= v[i] != v[i];
+    if (v[i] > best) best = v[i], first = i;
+  }
+  if (any_nan)
+    for (int64_t j = 0; j < n; ++j)
+      if (v[j] != v[j]) {
+        first = j;
+        break;
+      }
+  *best_out = v[first];
+  return first;
 }
 
 void check_dense(const at::Tensor& t, const char* name, int64_t dim) {
@@ -189,8 +213,14 @@ cluster_separation_forward(const at::Tensor& d, const at::Tensor& labels, const 
           }
         } else {
           // the original's products (max_dist − d)·T and (max_dist − d)·(1 − T), formed exactly as it forms them
-          auto clst = [&](int64_t m) { return (md - row[m]) * trow[m]; };
-          auto sep = [&](int64_t m) { return (md - row[m]) * (scalar_t(1) - trow[m]); };
+          thread_local std::vector<scalar_t> products;
+          if (static_cast<int64_t>(products.size()) < 2 * M) products.resize(2 * M);
+          scalar_t* __restrict__ clst = products.data();
+          scalar_t* __restrict__ sep = clst + M;
+          for (int64_t m = 0; m < M; ++m) {
+            clst[m] = (md - row[m]) * trow[m];
+            sep[m] = (md - row[m]) * (scalar_t(1) - trow[m]);
+          }
           cl_arg = first_argmax<scalar_t>(clst, M, &cl_best);
           sep_arg = first_argmax<scalar_t>(sep, M, &sep_best);
         }

@@ -443,3 +443,35 @@ def test_mean_distance_empty_selection_raises(mode, labels, classes):
     identity[:, 0] = 1                  # every prototype belongs to class 0; class 1 has none
     with pytest.raises(ValueError, match="prototype"):
         protofast.mean_distance_loss(f, p, labels, identity, mode=mode, classes=classes)
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M", [31, 32, 33, 100, 257])
+def test_long_rows_ties_and_nan_match_reference(dtype, M):
+    """Rows long enough for the C++ kernel's SIMD lanes (16 floats / 8 doubles, plus a scalar tail): integer-valued
+    distances with many exact ties spread over lanes, chunks and the tail, masked zeros competing, and NaN rows;
+    the winners (seen through the gradients) must be the first occurrences, as in the reference."""
+    g = torch.Generator().manual_seed(M)
+    B, K = 12, 5
+    d = torch.randint(0, 6, (B, M), generator=g).to(dtype)
+    d[3, :] = 10.0                       # all ties at max_dist: masked zeros tie with the unmasked
+    d[4, M - 1] = 0.0                    # a unique minimum in the tail / last lane
+    d[5, 7] = float("nan")               # NaN wins (first NaN), value NaN
+    d[5, M - 2] = float("nan")
+    identity = torch.zeros(M, K)
+    identity[torch.arange(M), torch.randint(0, K, (M,), generator=g)] = 1
+    identity[:K, :] = torch.eye(K)       # every class owns a prototype
+    labels = torch.randint(0, K, (B,), generator=g)
+    d.requires_grad_()
+    dr = d.detach().double().requires_grad_()
+    for exact in (False, True):
+        got = protofast.cluster_separation_costs(d, labels, identity, 10.0, exact)
+        want = ref.cluster_separation_costs(dr, labels, identity, 10.0, exact)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6, equal_nan=True)
+        for t, r in zip(got[:2], want[:2]):
+            (gd,) = torch.autograd.grad(t, d, retain_graph=True)
+            (rgd,) = torch.autograd.grad(r, dr, retain_graph=True)
+            assert torch.equal(gd != 0, rgd != 0), "a different prototype won"
+            torch.testing.assert_close(gd.double(), rgd, rtol=1e-6, atol=1e-9, equal_nan=True)
