@@ -207,3 +207,70 @@ def test_bad_inputs():
         net.loss(logits, mind, torch.tensor([0, 1, 2, 0]), phase="warm")
     with pytest.raises(ValueError, match="min_distances"):
         net.loss(logits, mind[:, :2], torch.tensor([0, 1, 2, 0]))
+
+
+# --------------------------------------------------------------------------------------------- projection
+def _push_batches(with_valid=False, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for B, labels in ((4, [0, 1, 0, 2]), (3, [1, 1, 0]), (2, [0, 0])):   # class 2 only in the first batch
+        views = torch.rand(B, 5, 3, S, S, generator=g, dtype=torch.float64)
+        item = [views, torch.tensor(labels)]
+        if with_valid:
+            valid = torch.rand(B, 5, generator=g) > 0.4
+            valid[:, 2] |= ~valid.any(1)
+            item.append(valid)
+        batches.append(tuple(item))
+    return batches
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+@pytest.mark.parametrize("reset_per_batch", [True, False])
+def test_push_matches_quanproto_loop(reset_per_batch, with_valid):
+    from protofast.models.protomask import push_protomask
+
+    net = _model(K=4)                                       # class 3 never appears: its prototypes become zero
+    batches = _push_batches(with_valid)
+    expected, log = ref.protomask.push_original(net, batches, reset_per_batch=reset_per_batch)
+    result = push_protomask(net, batches, reset_per_batch=reset_per_batch)
+    torch.testing.assert_close(net.prototype_vectors.detach().view(net.num_prototypes, -1), expected)
+    assert sorted(result.log()) == sorted(log)
+    for m, (b, v, d) in log.items():
+        assert (int(result.image_index[m]), int(result.view_index[m])) == (b, v)
+        assert abs(float(result.distance[m]) - d) < 1e-9
+    unseen = net.prototype_class_identity[:, 3].bool()
+    assert not result.found[unseen].any() and torch.count_nonzero(net.prototype_vectors[unseen]) == 0
+    if with_valid:
+        for m, (b, v, _) in log.items():
+            flat = [t for batch in batches for t in batch[2]]
+            assert flat[b][v]
+
+
+def test_push_reset_per_batch_differs_from_global_best():
+    """The quirk is observable: with the reset, a prototype ends on the last batch holding its class."""
+    from protofast.models.protomask import push_protomask
+
+    batches = _push_batches()
+    a, b = _model(K=4), _model(K=4)
+    ra = push_protomask(a, batches, reset_per_batch=True)
+    rb = push_protomask(b, batches, reset_per_batch=False)
+    cls0 = a.prototype_class_identity[:, 0].bool()
+    assert (ra.image_index[cls0] >= 7).all()               # class 0 appears in the last batch (images 7, 8)
+    assert (rb.distance <= ra.distance).all()
+    assert not torch.equal(ra.image_index, rb.image_index)
+
+
+def test_push_duplicate_views_first_occurrence():
+    from protofast.models.protomask import push_protomask
+
+    net = _model(K=2, sizes=1)
+    views = torch.rand(2, 3, 3, S, S, dtype=torch.float64)
+    views[0, 2] = views[0, 1]
+    views[1] = views[0]
+    batches = [(views, torch.tensor([0, 0]))]
+    _, log = ref.protomask.push_original(net, batches)
+    result = push_protomask(net, batches)
+    assert (int(result.image_index[0]), int(result.view_index[0])) == log[0][:2]
+    assert int(result.image_index[0]) == 0
+    with pytest.raises(TypeError, match="model"):
+        push_protomask(torch.nn.Linear(2, 2), batches)

@@ -24,7 +24,7 @@ import protofast
 
 from .protopnet import _infer_channels, build_backbone
 
-__all__ = ["ProtoMask", "diversity_loss"]
+__all__ = ["ProtoMask", "diversity_loss", "push_protomask", "MaskPushResult"]
 
 #: quanproto best_params (CUB, SAM2): joint lrs, fine-tune lr; the add-on lr is used only with train_add_on=True
 DEFAULT_LRS = {"features": 6e-5, "add_on_layers": 3e-3, "prototype_vectors": 3e-3, "last_layer": 3e-4}
@@ -300,3 +300,106 @@ class ProtoMask(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, prototype_shape={self.prototype_shape}, epsilon={self.epsilon}, "
                 f"div_grad={self.div_grad}, train_add_on={self.train_add_on}")
+
+
+# ---------------------------------------------------------------------------------------------- projection
+class MaskPushResult:
+    """What :func:`push_protomask` found, per prototype m (CPU tensors).
+
+    Attributes:
+        image_index: ``[M]`` int64 image index in loader order (−1: the prototype's class never appeared).
+        view_index: ``[M]`` int64 index of the winning view (mask) of that image (−1 if unseen).
+        distance: ``[M]`` float64 squared L2 distance between the old prototype and the winning view's embedding
+            (+inf if unseen).
+        prototype_class: ``[M]`` int64 class of each prototype.
+    """
+
+    def __init__(self, image_index: Tensor, view_index: Tensor, distance: Tensor, prototype_class: Tensor):
+        self.image_index, self.view_index = image_index, view_index
+        self.distance, self.prototype_class = distance, prototype_class
+
+    @property
+    def found(self) -> Tensor:
+        return self.image_index >= 0
+
+    def log(self) -> Dict[int, dict]:
+        """quanproto's push log: ``{m: {"img_index", "mask_index", "min_dist"}}`` for the projected prototypes."""
+        return {m: {"img_index": int(self.image_index[m]), "mask_index": int(self.view_index[m]),
+                    "min_dist": float(self.distance[m])} for m in torch.nonzero(self.found).flatten().tolist()}
+
+
+class _ViewSearch:
+    """Adapter presenting a ProtoMask to :func:`protofast.push_prototypes`: ``conv_features`` returns the view
+    embeddings as a ``[B, D, V, 1]`` map, so the push's (image, position) search is the (image, view) search,
+    image-major; invalid views are replaced by their image's first valid view (the index is mapped back)."""
+
+    def __init__(self, net: ProtoMask):
+        self.net = net
+        self.prototype_vectors = net.prototype_vectors
+        self.prototype_class_identity = net.prototype_class_identity
+        self.valid: Optional[Tensor] = None
+        self.sources = []
+
+    @property
+    def training(self) -> bool:
+        return self.net.training
+
+    def eval(self):
+        self.net.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.net.train(mode)
+        return self
+
+    def conv_features(self, views: Tensor) -> Tensor:
+        e = self.net.embed(views)
+        B, V, _ = e.shape
+        if self.valid is not None:
+            e, src = _fill_invalid_views(e, self.valid.to(e.device))
+        else:
+            src = torch.arange(V, device=e.device).expand(B, V)
+        self.sources.append(src.cpu())
+        return e.permute(0, 2, 1).unsqueeze(-1)
+
+    def batches(self, loader):
+        for t, batch in enumerate(loader):
+            if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+                valid = batch[2]
+                if not isinstance(valid, Tensor) or valid.dim() != 2:
+                    raise ValueError(f"the loader's third item must be view_valid [B, V]; batch {t} has "
+                                     f"{getattr(valid, 'shape', type(valid).__name__)}")
+                self.valid = valid
+            else:
+                self.valid = None
+            yield batch[:2] if isinstance(batch, (tuple, list)) else batch
+
+
+def push_protomask(model: ProtoMask, loader, *, reset_per_batch: bool = True, unseen: str = "zero",
+                   progress: bool = False, device=None) -> MaskPushResult:
+    """ProtoMask's projection (SEMANTICS.md §3.5), in place: each prototype becomes the embedding of the nearest
+    (image, view) of its class, searched image-major over the loader's batches with
+    :func:`protofast.push_prototypes` (strict ``<``, first occurrence: earliest image, then earliest view).
+
+    Args:
+        model: a :class:`ProtoMask` (run in eval mode under no_grad; mode restored).
+        loader: yields ``(views [B, V, 3, S, S], labels [B])`` or ``(views, labels, view_valid [B, V])``; use the
+            unaugmented train set with ``shuffle=False``.
+        reset_per_batch: True (quanproto: the best distance is reset every batch, so the last batch containing
+            the class wins) or False (the global nearest view).
+        unseen: ``"zero"`` (quanproto: prototypes of classes never seen become zero) or ``"keep"``.
+    Returns:
+        :class:`MaskPushResult` (image index, view index, distance, class per prototype; ``.log()`` gives
+        quanproto's push log).
+    """
+    if not isinstance(model, ProtoMask):
+        raise TypeError(f"model must be a ProtoMask, got {type(model).__name__}")
+    search = _ViewSearch(model)
+    result = protofast.push_prototypes(search, search.batches(loader), class_specific=True, unseen=unseen,
+                                       reset_per_batch=reset_per_batch, progress=progress, device=device)
+    views = result.position[:, 0].clone()
+    found = result.image_index >= 0
+    if search.sources and bool(found.any()):
+        src = torch.cat(search.sources)                                               # [N, V]
+        views[found] = src[result.image_index[found], views[found]]
+    return MaskPushResult(result.image_index, views, result.distance, result.prototype_class)

@@ -85,3 +85,47 @@ def protomask_head(e: Tensor, prototypes: Tensor, eps: float = 1e-14,
     mind, arg = torch.min(dv, dim=1)
     sim = torch.log((mind + 1) / (mind + eps))
     return mind, arg, sim
+
+
+def push_original(model, loader, reset_per_batch: bool = True):
+    """quanproto's ProtoMask push, literally (per batch, per prototype, a Python loop over the candidate images):
+    dv = relu'd distances of every (image, view) to every prototype (materialised), the candidates are the batch's
+    images of the prototype's class in batch order, the batch minimum over (candidate, view) flattened
+    image-major (first occurrence), a strict ``<`` against the best so far (reset to +inf every batch with
+    ``reset_per_batch``), the winning view's embedding copied. Prototypes never updated become zero.
+    Loader items: ``(views, labels)`` or ``(views, labels, view_valid)`` (invalid views: +inf).
+    Returns ``(new prototypes [M, D], {m: (image index, view index, distance)})``; does not modify the model."""
+    P = model.prototype_vectors.detach().reshape(model.num_prototypes, -1)
+    M = P.shape[0]
+    cls = [int(torch.argmax(model.prototype_class_identity[m])) for m in range(M)]
+    best = [float("inf")] * M
+    new = torch.zeros_like(P)
+    log = {}
+    seen = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            views, labels = batch[0], batch[1]
+            valid = batch[2] if len(batch) > 2 else None
+            e = model.embed(views)                                           # [B, V, D]
+            dv = torch.relu((e * e).sum(-1, keepdim=True) - 2 * e @ P.t() + (P * P).sum(-1))   # [B, V, M]
+            if valid is not None:
+                dv = dv.masked_fill(~valid.bool()[:, :, None], float("inf"))
+            if reset_per_batch:
+                best = [float("inf")] * M
+            for m in range(M):
+                candidates = [b for b in range(len(labels)) if int(labels[b]) == cls[m]]
+                if not candidates:
+                    continue
+                d = dv[candidates][:, :, m]                                   # [n, V]
+                flat = int(torch.argmin(d.flatten()))
+                v = float(d.flatten()[flat])
+                if v < best[m]:
+                    b, view = candidates[flat // d.shape[1]], flat % d.shape[1]
+                    best[m] = v
+                    new[m] = e[b, view]
+                    log[m] = (seen + b, view, v)
+            seen += len(labels)
+    model.train(was_training)
+    return new, log
