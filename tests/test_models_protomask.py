@@ -274,3 +274,57 @@ def test_push_duplicate_views_first_occurrence():
     assert int(result.image_index[0]) == 0
     with pytest.raises(TypeError, match="model"):
         push_protomask(torch.nn.Linear(2, 2), batches)
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_synthetic_masks_and_views():
+    from protofast.data import SyntheticParts
+    from protofast.protomask_train import SyntheticPartsWithMasks
+
+    base = SyntheticParts(6, num_classes=4, image_size=16, part_size=4, parts_per_class=2, distractors=1)
+    ds = SyntheticPartsWithMasks(base, view_size=8)
+    N, V = 6, 4
+    assert ds.masks.shape == (N, V, 16, 16) and ds.views.shape == (N, V, 3, 8, 8)
+    for i in range(N):
+        boxes = base.part_locations(i)
+        assert int(ds.valid[i].sum()) == 1 + len(boxes)          # background + each pasted part
+        union = ds.masks[i, 1:].any(0)
+        assert torch.equal(ds.masks[i, 0], ~union)
+        for _, top, left, bottom, right in boxes.tolist():
+            assert union[top:bottom, left:right].all()
+    views, label, valid = ds[0]
+    assert views.shape == (V, 3, 8, 8) and label == int(base.labels[0]) and valid.dtype == torch.bool
+    ref_views, _ = ref.protomask.mask_views(base.images[:2], ds.masks[:2], 8)
+    torch.testing.assert_close(ds.views[:2], ref_views)
+
+
+def test_accumulation_equals_large_batch_step():
+    from torch.utils.data import DataLoader, TensorDataset
+    from protofast.protomask_train import train_protomask
+
+    views, labels = _views(B=8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    runs = []
+    for batch, steps in ((4, 2), (8, 1)):
+        net = _model(div_grad=True, train_add_on=True)
+        loader = DataLoader(TensorDataset(views, labels), batch_size=batch)
+        train_protomask(net, loader, loader, joint_epochs=1, fine_tune_epochs=0, accumulation_steps=steps,
+                        push=False, progress=False, log=None)
+        runs.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-9)
+
+
+def test_cli_smoke(tmp_path, capsys):
+    import json
+    from protofast.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "protomask", "--dataset", "synthetic", "--train-size", "48", "--test-size", "32",
+               "--epochs", "1", "--fine-tune-epochs", "1", "--view-size", "8", "--embedding-dim", "8",
+               "--accumulation", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "final test accuracy" in text and "push" in text
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"] == "protomask" and [r["phase"] for r in saved["history"]] == ["joint", "push", "fine_tune"]
+    net = ProtoMask.from_config(saved["config"])
+    net.load_state_dict(torch.load(out / "model.pt"))
