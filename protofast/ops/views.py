@@ -28,6 +28,11 @@ round (relative 2⁻²⁴ in float32), so a sample can move by ~W·2⁻²⁴ pix
 range in float32 and ~1e-14 in float64 (tests pin both), and a sample clamped to the last row may give a weight of
 that order to the pixel just outside the crop.
 
+Order of operations as quanproto: mask and fill on the *unnormalised* image, crop, resize, then normalise the
+views (``(views − mean)/std``); passing normalised images changes what the zero fill and the non-zero
+foreground rule mean. The crop is the mask's tight bounding box (quanproto reads stored boxes, SAM2's, which
+are the masks' tight boxes; its ``RandomCropNearBBox(max_part_shift=0)`` slices the same pixels).
+
 Empty masks (no pixel set) give an all-zero view and ``valid[b, v] = False``; feed ``valid`` to
 :class:`protofast.models.ProtoMask` (``view_valid``) to exclude them. Gradients flow to ``images`` (through the
 masking, the mean colour and the bilinear weights); masks are data.
