@@ -13,7 +13,8 @@ CE + 0.8·clst − 0.2·sep + 0.2·div (div without gradient, as quanproto).
 
 Views: protofast.mask_views (one affine_grid + grid_sample over all B·V masks) vs the per-mask loop of
 protofast.reference.protomask.mask_views (slice + F.interpolate), B = 16 images of 224×224 with V = 11 random
-box-shaped masks, views of 224×224 (quanproto's input size), forward only.
+box-shaped masks, views of 224×224 (quanproto's input size), and 32×32 images → 16×16 views (the synthetic
+training set's sizes), forward only.
 
 Timings: median of interleaved rounds (wall clock); peak memory: protofast.bench.peak_memory_mb (CPU allocator,
 MB = 10⁶ bytes). Run: python benchmarks/protomask_head.py [--threads N] [--rounds R] [--quick]
@@ -146,11 +147,12 @@ def main():
         print(f"  {name:10s} {t[name]:9.2f} ms   peak {mem[name]:8.2f} MB")
     print(f"  protofast / quanproto: time {t['protofast'] / t['quanproto']:.2f}x, "
           f"peak memory {mem['protofast'] / max(mem['quanproto'], 1e-9):.2f}x")
-    t, err = bench_views(B, V, H, size, args.rounds)
-    print(f"mask views forward, B={B} x V={V} masks, {H}x{H} images -> {size}x{size} (max |diff| {err:.1e})")
-    for name, ms in t.items():
-        print(f"  {name:14s} {ms:9.2f} ms")
-    print(f"  mask_views / per-mask loop: time {t['mask_views'] / t['per-mask loop']:.2f}x")
+    for H, size in ((H, size), (32, 16)) if not args.quick else ((H, size),):
+        t, err = bench_views(B, V, H, size, args.rounds)
+        print(f"mask views forward, B={B} x V={V} masks, {H}x{H} images -> {size}x{size} (max |diff| {err:.1e})")
+        for name, ms in t.items():
+            print(f"  {name:14s} {ms:9.2f} ms")
+        print(f"  mask_views / per-mask loop: time {t['mask_views'] / t['per-mask loop']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -194,3 +194,15 @@ def test_torch_compile_traces():
         (ga,) = torch.autograd.grad(a.sum(), x)
         (gb,) = torch.autograd.grad(b.sum(), x)
         torch.testing.assert_close(ga, gb)
+
+
+def test_grid_is_the_clamped_affine_grid():
+    """The per-axis grid equals F.affine_grid(θ, align_corners=False) clamped to the crop, entry for entry."""
+    from protofast.ops.views import _sampling_grid, affine_sampling_grid, mask_bounding_boxes
+
+    _, masks = _inputs()
+    boxes, _ = mask_bounding_boxes(masks)
+    for S in [(8, 8), (40, 3)]:
+        a = _sampling_grid(boxes, 19, 23, S, torch.float64)
+        b = affine_sampling_grid(boxes, 19, 23, S)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)

@@ -17,9 +17,11 @@ only where the image is exactly 0 inside the mask). quanproto computes the mean 
 truncates it to an integer; on float images protofast uses the exact mean.
 
 How the crop + resize is computed for all B·V views at once (no Python loop per mask): the bounding boxes come
-from ``any`` reductions of the masks over rows and columns; one ``F.affine_grid`` (``align_corners=False``) maps
-each output pixel centre to ``y0 + (o + ½)·h/S_h − ½`` in input pixels (``h = y1 − y0 + 1``; columns alike), the
-grid is clamped to the crop's first and last pixel centres ``[y0, y1]`` (the clamp ``F.interpolate`` applies to
+from ``any`` reductions of the masks over rows and columns; a batched affine sampling grid (the grid
+``F.affine_grid(θ, align_corners=False)`` gives, built from its two per-view 1-D axes because θ is diagonal:
+forming it through ``F.affine_grid`` and clamping the [B·V, S_h, S_w, 2] tensor cost 3× the sampling itself at
+224², measured) maps each output pixel centre to ``y0 + (o + ½)·h/S_h − ½`` in input pixels
+(``h = y1 − y0 + 1``; columns alike), the grid is clamped to the crop's first and last pixel centres ``[y0, y1]`` (the clamp ``F.interpolate`` applies to
 its source index inside the crop: negative indices → 0, neighbours past the last row → the last row), and one
 ``F.grid_sample`` (bilinear, ``align_corners=False``, border padding) samples the masked images. In real
 arithmetic this equals the per-mask ``F.interpolate`` of the sliced crop exactly: the same source coordinate,
@@ -127,23 +129,44 @@ def foreground_mask(images: Tensor, masks: Tensor, foreground: str) -> Tensor:
     return fg
 
 
+def _axis(lo: Tensor, hi: Tensor, size: int, n_out: int) -> Tensor:
+    """Normalised sampling coordinates ``[N, n_out]`` (float64) of one axis of the crop-and-resize of the pixel
+    range ``[lo, hi]`` (inclusive) of an axis of length ``size``: the affine map of ``F.affine_grid`` with
+    ``align_corners=False`` (output ``u = (2o + 1)/n_out − 1`` ↦ ``(2·lo + n·(u + 1))/size − 1``, n = hi − lo + 1,
+    i.e. input pixel ``lo + (o + ½)·n/n_out − ½``), clamped to the normalised centres of pixels lo and hi."""
+    lo, hi = lo.to(torch.float64)[:, None], hi.to(torch.float64)[:, None]
+    n = hi - lo + 1
+    u = (2 * torch.arange(n_out, dtype=torch.float64, device=lo.device) + 1) / n_out - 1
+    coord = (2 * lo + n * (u[None, :] + 1)) / size - 1
+    return torch.minimum(torch.maximum(coord, (2 * lo + 1) / size - 1), (2 * hi + 1) / size - 1)
+
+
 def _sampling_grid(boxes: Tensor, H: int, W: int, S: Tuple[int, int], dtype) -> Tensor:
-    """``[N, S_h, S_w, 2]`` normalised (x, y) sampling grid of the crop-and-resize of each box (N = B·V)."""
+    """``[N, S_h, S_w, 2]`` normalised (x, y) sampling grid of the crop-and-resize of each box (N = B·V).
+
+    The affine map is diagonal (scale + shift per axis), so the grid is the outer combination of two per-view
+    1-D coordinate vectors (``_axis``), computed in float64 and cast once; this is the grid
+    ``F.affine_grid(θ, align_corners=False)`` gives for ``θ = [[w/W, 0, (2·x0 + w)/W − 1], [0, h/H, (2·y0 + h)/H − 1]]``
+    followed by the clamp, without forming a float64 ``[N, S_h, S_w, 2]`` tensor (tests pin the equality)."""
+    b = boxes.reshape(-1, 4)
+    N = b.shape[0]
+    ys = _axis(b[:, 0], b[:, 1], H, S[0]).to(dtype)                                 # [N, S_h]
+    xs = _axis(b[:, 2], b[:, 3], W, S[1]).to(dtype)                                 # [N, S_w]
+    return torch.stack([xs[:, None, :].expand(N, S[0], S[1]), ys[:, :, None].expand(N, S[0], S[1])], dim=-1)
+
+
+def affine_sampling_grid(boxes: Tensor, H: int, W: int, S: Tuple[int, int]) -> Tensor:
+    """The same grid through ``F.affine_grid`` + clamp, in float64 (kept to pin the equality in the tests)."""
     b = boxes.reshape(-1, 4).to(torch.float64)
     y0, y1, x0, x1 = b.unbind(-1)
     h, w = y1 - y0 + 1, x1 - x0 + 1
-    N = b.shape[0]
-    theta = torch.zeros(N, 2, 3, dtype=torch.float64, device=boxes.device)
-    # output normalised u (align_corners=False) ↦ input normalised (2·y0 + h·(u + 1))/H − 1
-    theta[:, 0, 0] = w / W
-    theta[:, 0, 2] = (2 * x0 + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * y0 + h) / H - 1
-    grid = F.affine_grid(theta, [N, 1, S[0], S[1]], align_corners=False)
-    # clamp to the crop's first / last pixel centres (normalised (2i + 1)/size − 1)
+    theta = torch.zeros(b.shape[0], 2, 3, dtype=torch.float64, device=boxes.device)
+    theta[:, 0, 0], theta[:, 0, 2] = w / W, (2 * x0 + w) / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
+    grid = F.affine_grid(theta, [b.shape[0], 1, S[0], S[1]], align_corners=False)
     lo = torch.stack([(2 * x0 + 1) / W - 1, (2 * y0 + 1) / H - 1], -1)[:, None, None, :]
     hi = torch.stack([(2 * x1 + 1) / W - 1, (2 * y1 + 1) / H - 1], -1)[:, None, None, :]
-    return torch.maximum(torch.minimum(grid, hi), lo).to(dtype)
+    return torch.maximum(torch.minimum(grid, hi), lo)
 
 
 def mask_views(images: Tensor, masks: Tensor, size: Union[int, Tuple[int, int]], fill: str = "zero",
@@ -184,5 +207,7 @@ def mask_views(images: Tensor, masks: Tensor, size: Union[int, Tuple[int, int]],
             masked = masked + (1 - fg) * colour[..., None, None]
         views = F.grid_sample(masked.reshape(B * V, C, H, W), grid, mode="bilinear", padding_mode="border",
                               align_corners=False).view(B, V, C, S[0], S[1])
-    views = views * valid[:, :, None, None, None].to(views.dtype)
+    if fill == "original" and not bool(valid.all()):
+        # (with "zero" / "mean" an empty mask's masked image is already all zero, hence its view)
+        views = views * valid[:, :, None, None, None].to(views.dtype)
     return views, valid
