@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .data import SyntheticParts
