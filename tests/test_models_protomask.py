@@ -328,3 +328,15 @@ def test_cli_smoke(tmp_path, capsys):
     assert saved["model"] == "protomask" and [r["phase"] for r in saved["history"]] == ["joint", "push", "fine_tune"]
     net = ProtoMask.from_config(saved["config"])
     net.load_state_dict(torch.load(out / "model.pt"))
+
+
+def test_class_layout_cache_follows_identity():
+    net = _model(sizes=[2, 2, 2])
+    labels = torch.tensor([0, 1])
+    a = net.loss(*net(_views(B=2)), labels)[1]["diversity"]
+    with torch.no_grad():                        # move prototype 1 to class 1 (in place: the version changes)
+        net.prototype_class_identity[1] = torch.tensor([0.0, 1.0, 0.0])
+    b = net.loss(*net(_views(B=2)), labels)[1]["diversity"]
+    expected = ref.protomask.diversity_loss(net.prototype_vectors.detach(), net.prototype_class_identity, labels)
+    assert_close(b, expected, torch.float64)
+    assert not torch.equal(a, b)

@@ -45,7 +45,7 @@ def _class_blocks(identity: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def diversity_loss(prototypes: Tensor, prototype_class_identity: Tensor, labels: Tensor,
-                   differentiable: bool = False) -> Tensor:
+                   differentiable: bool = False, class_blocks: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """ProtoMask's diversity term ``mean_b exp(−0.001 · Σ_{i≠j} ‖v_i − v_j‖₂)`` over the prototypes v_i of class
     y_b (ordered pairs: each unordered pair counts twice; the i = j terms are 0 and left out).
 
@@ -59,11 +59,13 @@ def diversity_loss(prototypes: Tensor, prototype_class_identity: Tensor, labels:
         labels: ``[B]`` class indices.
         differentiable: False reproduces quanproto (the term is a Python float: value only, no gradient);
             True lets the gradient reach the prototypes.
+        class_blocks: ``(table, valid)`` from a previous call's class layout (``ProtoMask`` caches it, so a
+            training step does not read the identity back to the host).
     Returns:
         a scalar in the prototypes' dtype.
     """
     P = prototypes.reshape(prototypes.shape[0], -1)
-    table, valid = _class_blocks(prototype_class_identity)
+    table, valid = class_blocks if class_blocks is not None else _class_blocks(prototype_class_identity)
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         Pp = torch.cat([P, P.new_zeros(1, P.shape[1])])[table]                         # [K, c, D]
         sq = (Pp * Pp).sum(-1)
@@ -242,7 +244,7 @@ class ProtoMask(nn.Module):
                 min_distances, labels, self.prototype_class_identity, float(self.embedding_dim),
                 exact=self.exact_cluster)
             div = diversity_loss(self.prototype_vectors, self.prototype_class_identity, labels,
-                                 differentiable=self.div_grad)
+                                 differentiable=self.div_grad, class_blocks=self._class_blocks())
             total = c["crs_ent"] * ce + c["clst"] * clst - c["sep"] * sep + c["div"] * div
             terms.update(cluster=clst, separation=sep, avg_separation=avg_sep, diversity=div)
         else:
@@ -251,6 +253,15 @@ class ProtoMask(nn.Module):
             terms["l1"] = l1
         terms["total"] = total
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def _class_blocks(self) -> Tuple[Tensor, Tensor]:
+        """The diversity's class layout, recomputed only when the identity buffer changes (device, version)."""
+        I = self.prototype_class_identity
+        key = (I.device, I.data_ptr(), I._version, tuple(I.shape))
+        cached = getattr(self, "_blocks_cache", None)
+        if cached is None or cached[0] != key:
+            self._blocks_cache = (key, _class_blocks(I))
+        return self._blocks_cache[1]
 
     # ------------------------------------------------------------------------------------------ phases
     def phase(self, phase: str, lrs: Optional[Dict[str, float]] = None) -> torch.optim.Adam:
