@@ -127,6 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .models import ProtoPNet, SmallCNN
     from .train import save_checkpoint, save_prototype_figure, train_protopnet
 
+    if args.model == "protomask":
+        from .protomask_train import train_protomask_cli
+        return train_protomask_cli(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print per-epoch accuracy and the backbone/head time split, and write a checkpoint "
                     "(model.pt + config.json) and a prototype figure (prototypes.png) into --out. "
                     "Runs under torchrun (DDP, gloo on CPU).")
-    p_train.add_argument("model", choices=("protopnet",), help="the architecture")
+    p_train.add_argument("model", choices=("protopnet", "protomask"), help="the architecture")
     p_train.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
                          help="synthetic: protofast.data.SyntheticParts (default); digits: scikit-learn's digits")
     p_train.add_argument("--epochs", type=int, default=20, help="warm + joint epochs (default 20)")
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_train.add_argument("--no-figure", action="store_true", help="skip prototypes.png")
+    from .protomask_train import add_cli_options as _protomask_options
+    _protomask_options(p_train)
     p_train.set_defaults(func=cmd_train)
     return parser
 

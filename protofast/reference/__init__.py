@@ -8,6 +8,7 @@ from .distances import (
     prototype_distance_maps,
     prototype_min_distances,
 )
+from . import protomask
 from .losses import (
     cluster_separation_costs,
     masked_l1,
@@ -23,4 +24,5 @@ __all__ = [
     "masked_l1",
     "mean_distance_loss",
     "mean_min_distance_loss",
+    "protomask",
 ]
