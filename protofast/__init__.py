@@ -8,6 +8,7 @@ from ._version import __version__
 from .ops import (
     cluster_separation_costs,
     log_similarity,
+    masked_gap,
     masked_l1,
     mean_distance_loss,
     prototype_distance_maps,
@@ -27,6 +28,7 @@ __all__ = [
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    "masked_gap",
     # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
     "push_prototypes",
     "PushResult",

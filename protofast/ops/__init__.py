@@ -1,6 +1,7 @@
 """The public operators, one module per op family (schema, fake kernel, autograd, per-device implementation)."""
 from .distances import log_similarity, prototype_distance_maps, prototype_min_distances
 from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
+from .masked_gap import masked_gap
 
 __all__ = [
     "prototype_min_distances",
@@ -9,4 +10,5 @@ __all__ = [
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    "masked_gap",
 ]
