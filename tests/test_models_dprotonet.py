@@ -1,0 +1,171 @@
+"""protofast.models.DProtoNet (SEMANTICS.md §4.1–4.3) against a plain float64 formulation that materialises
+M_i ⊙ F and every (b, i, m) distance (protofast.reference.dprotonet), plus the multi-image prototype update
+(§4.4) and the training entry points.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import protofast
+from protofast.models import DProtoNet
+from protofast.models.dprotonet import PushView
+from protofast.reference import dprotonet as ref
+from conftest import assert_close
+
+K, PPC, I, C, D, H, W = 3, 2, 5, 4, 6, 3, 3
+
+
+def _model(dtype=torch.float64, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = DProtoNet(nn.Identity(), K, prototypes_per_class=PPC, num_masks=I, prototype_dim=D,
+                      input_shape=(C, H, W), **kwargs)
+    return model.to(dtype)
+
+
+def _batch(B=4, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, C, H, W, generator=g, dtype=dtype), torch.tensor([0, 2, 1, 2, 0, 1, 1][:B])
+
+
+def _reference_step(model, x, labels, cluster_mode, sep_sign):
+    """The whole forward + loss in float64, materialised, with autograd through the literal formulas."""
+    params = {n: p.detach().clone().double().requires_grad_() for n, p in model.named_parameters()}
+    masks = model.masks.detach().double()
+    if "masks" in params:
+        masks = params["masks"]
+    a = model.add_on_layers
+    f = torch.nn.functional.conv2d(x, params["add_on_layers.0.weight"], params["add_on_layers.0.bias"])
+    f = torch.nn.functional.conv2d(torch.relu(f), params["add_on_layers.2.weight"], params["add_on_layers.2.bias"])
+    assert isinstance(a[1], nn.ReLU)
+    logits, mind, argmin, _ = ref.head(f, masks, params["prototype_vectors"], params["last_layer.weight"],
+                                       eps=model.epsilon)
+    total, ce, clst, sd, l1 = ref.losses(logits, mind, labels, model.prototype_class_identity.double(),
+                                         params["last_layer.weight"], cluster_mode, sep_sign,
+                                         max_dist=float(D))
+    grads = dict(zip(params, torch.autograd.grad(total, list(params.values()))))
+    return dict(logits=logits, mind=mind, argmin=argmin, total=total, cross_entropy=ce, cluster=clst,
+                separation=sd, l1=l1), grads
+
+
+@pytest.mark.parametrize("cluster_mode", ["masked_min", "masked_max"])
+@pytest.mark.parametrize("sep_sign", ["protopnet", "literal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_forward_loss_gradients_match_reference(cluster_mode, sep_sign, dtype):
+    model = _model(dtype, cluster_mode=cluster_mode, sep_sign=sep_sign)
+    with torch.no_grad():      # move prototypes near the data so that minima are not all clamped
+        model.prototype_vectors.mul_(0.1)
+    x, y = _batch(dtype=dtype)
+    logits, mind = model(x)
+    total, terms = model.loss(logits, mind, y)
+    expected, ref_grads = _reference_step(model, x.double(), y, cluster_mode, sep_sign)
+    assert_close(logits, expected["logits"], dtype, "logits")
+    assert_close(mind, expected["mind"], dtype, "min distances")
+    _, _, argmin = model.prototype_activations(model.conv_features(x))
+    assert torch.equal(argmin, expected["argmin"])
+    for name in ("total", "cross_entropy", "cluster", "separation", "l1"):
+        assert_close(terms[name], expected[name], dtype, name)
+    model.zero_grad()
+    total.backward()
+    for name, p in model.named_parameters():
+        assert_close(p.grad, ref_grads[name], dtype, f"grad {name}")
+
+
+def test_sep_sign_flips_the_separation_term():
+    x, y = _batch()
+    out = {}
+    for sign in ("protopnet", "literal"):
+        model = _model(sep_sign=sign)
+        total, terms = model.loss(*model(x), y)
+        out[sign] = (total, terms)
+    sd = out["protopnet"][1]["separation"]
+    assert torch.allclose(out["literal"][0] - out["protopnet"][0], 2 * 0.08 * sd)
+
+
+def test_trainable_masks_get_gradients_and_stay_in_unit_interval():
+    model = _model(masks_trainable=True)
+    x, y = _batch()
+    expected, ref_grads = _reference_step(model, x, y, "masked_min", "protopnet")
+    total, _ = model.loss(*model(x), y)
+    total.backward()
+    assert_close(model.masks.grad, ref_grads["masks"], torch.float64, "grad masks")
+    opt = model.phase("joint", lrs={"masks": 10.0})
+    model.zero_grad()
+    model.loss(*model(x), y)[0].backward()
+    opt.step()
+    assert float(model.masks.detach().min()) >= 0 and float(model.masks.detach().max()) <= 1
+    assert any(g["name"] == "masks" for g in opt.param_groups)
+    model.phase("last_layer")
+    assert not model.masks.requires_grad
+
+
+def test_defaults_are_the_papers():
+    model = DProtoNet(nn.Identity(), 2, feature_shape=(8, 7, 7))
+    assert model.num_masks == 240 and model.prototype_shape == (20, 512, 1, 1) and model.epsilon == 1e-12
+    assert model.coefs == {"crs_ent": 1.0, "clst": 0.8, "sep": -0.08, "l1": 1e-4}
+    assert model.cluster_mode == "masked_min" and model.sep_sign == "protopnet"
+    assert not model.masks.requires_grad and "masks" in dict(model.named_buffers())
+    assert float(model.masks.min()) >= 0 and float(model.masks.max()) <= 1
+    again = DProtoNet(nn.Identity(), 2, feature_shape=(8, 7, 7))
+    assert torch.equal(model.masks, again.masks)                     # seeded, independent of the global RNG
+    w = model.last_layer.weight
+    assert set(w.unique().tolist()) == {1.0, -0.5}
+    lrs = {g["name"]: g["lr"] for g in model.phase("joint").param_groups}
+    assert lrs == {"features": 1e-4, "add_on_layers": 3e-3, "prototype_vectors": 3e-3}
+    assert isinstance(model.add_on_layers[1], nn.ReLU) and len(model.add_on_layers) == 3
+
+
+def test_epsilon_clamp_gives_finite_similarity_at_zero_distance():
+    """A prototype equal to a masked vector: distance clamps to 0, similarity log(1/1e-12) ≈ 27.6, finite grads."""
+    model = _model()
+    x, y = _batch()
+    with torch.no_grad():
+        z = model.masked_vectors(model.conv_features(x))
+        model.prototype_vectors[0, :, 0, 0] = z[0, 2]
+    logits, mind = model(x)
+    assert float(mind[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    total, _ = model.loss(logits, mind, y)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="cluster_mode"):
+        _model(cluster_mode="max")
+    with pytest.raises(ValueError, match="sep_sign"):
+        _model(sep_sign="minus")
+    with pytest.raises(ValueError, match="num_masks"):
+        DProtoNet(nn.Identity(), 2, num_masks=0, feature_shape=(4, 3, 3))
+    with pytest.raises(ValueError, match="mask_init"):
+        DProtoNet(nn.Identity(), 2, num_masks=2, prototype_dim=3, feature_shape=(4, 3, 3), mask_init=torch.ones(2, 3, 3))
+    model = _model()
+    with pytest.raises(ValueError, match="feature map"):
+        model(torch.randn(2, C, H + 1, W, dtype=torch.float64))
+
+
+def test_config_round_trip():
+    model = DProtoNet(protofast.models.SmallCNN(channels=(8,)), 2, prototypes_per_class=2, num_masks=4,
+                      prototype_dim=5, input_shape=(3, 8, 8))
+    again = DProtoNet.from_config(model.config())
+    again.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(model(x)[0], again(x)[0])
+
+
+def test_push_view_positions_are_mask_indices():
+    model = _model()
+    x, y = _batch(B=6)
+    view = PushView(model)
+    loader = [(x, y)]
+    before = model.prototype_vectors.detach().clone()
+    result = protofast.push_prototypes(view, loader, progress=False)
+    assert torch.equal(model.prototype_vectors, before)                       # the model is untouched
+    z, mind, argmin = model.prototype_activations(model.conv_features(x))
+    for m in range(model.num_prototypes):
+        b, i = int(result.image_index[m]), int(result.position[m, 0])
+        assert int(y[b]) == m // PPC
+        own = (y == m // PPC).nonzero().flatten()
+        assert b == int(own[mind[own, m].argmin()])
+        assert i == int(argmin[b, m])
+        assert torch.equal(view.prototype_vectors[m, :, 0, 0], z[b, i])
