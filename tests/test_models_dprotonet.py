@@ -124,7 +124,7 @@ def test_epsilon_clamp_gives_finite_similarity_at_zero_distance():
         z = model.masked_vectors(model.conv_features(x))
         model.prototype_vectors[0, :, 0, 0] = z[0, 2]
     logits, mind = model(x)
-    assert float(mind[0, 0]) == pytest.approx(0.0, abs=1e-9)
+    assert float(mind[0, 0].detach()) == pytest.approx(0.0, abs=1e-9)
     total, _ = model.loss(logits, mind, y)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -169,3 +169,103 @@ def test_push_view_positions_are_mask_indices():
         assert b == int(own[mind[own, m].argmin()])
         assert i == int(argmin[b, m])
         assert torch.equal(view.prototype_vectors[m, :, 0, 0], z[b, i])
+
+
+# --------------------------------------------------------------------------------------------- multi-image update
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from protofast.dprotonet_train import RandomWarp, update_prototypes  # noqa: E402
+
+
+def _image_model(seed=0):
+    torch.manual_seed(seed)
+    return DProtoNet(protofast.models.SmallCNN(channels=(4,), coords=False), K, prototypes_per_class=PPC,
+                     num_masks=I, prototype_dim=D, input_shape=(3, 8, 8)).double()
+
+
+def _image_set(n=9, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % K
+    return TensorDataset(x, y)
+
+
+def test_update_R1_without_augmentation_is_plain_projection():
+    model = _image_model()
+    data = _image_set()
+    loader = DataLoader(data, batch_size=4)
+    view = PushView(model)
+    push = protofast.push_prototypes(view, loader, progress=False, unseen="keep")
+    result = update_prototypes(model, loader, R=1, augment=None, progress=False)
+    assert torch.equal(result.image_index, push.image_index)
+    assert torch.equal(result.mask_index[:, 0], push.position[:, 0])
+    assert torch.equal(model.prototype_vectors, view.prototype_vectors)
+
+
+def _shift(images, generator):
+    """A deterministic 'augmentation': copy r of each image is rolled by r pixels (images arrive image-major)."""
+    out = images.clone()
+    for n in range(images.shape[0]):
+        out[n] = torch.roll(images[n], shifts=n % 3, dims=2)
+    return out
+
+
+def test_update_is_the_mean_of_each_copys_nearest_masked_vector():
+    model = _image_model(seed=1)
+    data = _image_set()
+    old = model.prototype_vectors.detach().clone()
+    sources = torch.tensor([0, 3, 1, 4, 2, -1])                       # class(m) = m // 2; -1: unchanged
+    result = update_prototypes(model, DataLoader(data, batch_size=4), R=3, augment=_shift, source="given",
+                               source_indices=sources, batch_size=6, progress=False)
+    for m in range(model.num_prototypes):
+        if sources[m] < 0:
+            assert torch.equal(model.prototype_vectors[m], old[m])
+            continue
+        x = data[int(sources[m])][0][None]
+        vecs = []
+        for r in range(3):
+            xr = torch.roll(x, shifts=r, dims=3)
+            z = ref.masked_gap(model.conv_features(xr), model.masks.double())[0]          # [I, D]
+            e = int(((z - old[m, :, 0, 0]) ** 2).sum(1).argmin())
+            assert e == int(result.mask_index[m, r])
+            vecs.append(z[e])
+        assert_close(model.prototype_vectors[m, :, 0, 0].detach(), torch.stack(vecs).mean(0), torch.float64)
+
+
+def test_update_include_original_and_random_warp_seeded():
+    model = _image_model()
+    data = _image_set()
+    loader = DataLoader(data, batch_size=4)
+    a = update_prototypes(model, loader, R=4, include_original=True, seed=3, progress=False)
+    pa = model.prototype_vectors.detach().clone()
+    model2 = _image_model()
+    update_prototypes(model2, loader, R=4, include_original=True, seed=3, progress=False)
+    assert torch.equal(pa, model2.prototype_vectors)
+    assert a.found.all() and (a.mask_index >= 0).all()
+    # include_original: copy 0 of every source is the unaugmented image, so e_0 is the plain projection's mask
+    model3 = _image_model()
+    plain = update_prototypes(model3, loader, R=1, augment=None, progress=False)
+    assert torch.equal(a.mask_index[:, 0], plain.mask_index[:, 0])
+
+
+def test_random_warp():
+    x = torch.rand(3, 3, 10, 10)
+    identity = RandomWarp(rotation=0, shear=0, scale=(1, 1), perspective=0)
+    torch.testing.assert_close(identity(x, torch.Generator().manual_seed(0)), x, atol=1e-5, rtol=0)
+    warp = RandomWarp()
+    a = warp(x, torch.Generator().manual_seed(0))
+    b = warp(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.allclose(a, x, atol=1e-2)
+
+
+def test_update_bad_arguments():
+    model = _image_model()
+    loader = DataLoader(_image_set(), batch_size=4)
+    with pytest.raises(ValueError, match="R"):
+        update_prototypes(model, loader, R=0, progress=False)
+    with pytest.raises(ValueError, match="source_indices"):
+        update_prototypes(model, loader, source="given", progress=False)
+    with pytest.raises(ValueError, match="shuffle"):
+        update_prototypes(model, DataLoader(_image_set(), batch_size=4, shuffle=True), progress=False)
+    with pytest.raises(TypeError, match="DProtoNet"):
+        update_prototypes(protofast.models.ProtoPNet(nn.Identity(), 2, backbone_channels=4), loader)
