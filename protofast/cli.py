@@ -118,6 +118,9 @@ TRAIN_LRS = {"features": 1e-3, "add_on_layers": 1e-3, "prototype_vectors": 1e-3,
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "dprotonet":
+        from .dprotonet_train import cli_train
+        return cli_train(args)
     import time
 
     import torch
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print per-epoch accuracy and the backbone/head time split, and write a checkpoint "
                     "(model.pt + config.json) and a prototype figure (prototypes.png) into --out. "
                     "Runs under torchrun (DDP, gloo on CPU).")
-    p_train.add_argument("model", choices=("protopnet",), help="the architecture")
+    p_train.add_argument("model", choices=("protopnet", "dprotonet"), help="the architecture")
     p_train.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
                          help="synthetic: protofast.data.SyntheticParts (default); digits: scikit-learn's digits")
     p_train.add_argument("--epochs", type=int, default=20, help="warm + joint epochs (default 20)")
@@ -267,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_train.add_argument("--no-figure", action="store_true", help="skip prototypes.png")
+    p_train.add_argument("--num-masks", type=int, default=64, help="dprotonet: feature masks I (default 64)")
+    p_train.add_argument("--copies", type=int, default=10,
+                         help="dprotonet: augmented copies R per prototype update (default 10)")
+    p_train.add_argument("--update-every", type=int, default=10,
+                         help="dprotonet: multi-image prototype update every N epochs and after the last (default 10)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

@@ -275,3 +275,78 @@ def train_dprotonet(model: DProtoNet, train_loader: DataLoader, test_loader: Dat
     test_acc = history[-1]["test_acc"] if history else evaluate(model, test_loader, device)
     return TrainResult(history=history, test_acc=test_acc, seconds=time.perf_counter() - start,
                        push_results=updates)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints, CLI
+def load_dprotonet(directory: str, backbone=None, map_location="cpu") -> DProtoNet:
+    """Rebuild a DProtoNet written by ``protofast train dprotonet`` (``directory/config.json`` + ``model.pt``,
+    :func:`protofast.train.save_checkpoint`), in eval mode."""
+    import json
+    import os
+
+    from .train import CONFIG_FILE, WEIGHTS_FILE
+
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        config = json.load(f)
+    model = DProtoNet.from_config(config["model"], backbone=backbone)
+    model.load_state_dict(torch.load(os.path.join(directory, WEIGHTS_FILE), map_location=map_location,
+                                     weights_only=True))
+    return model.eval()
+
+
+def cli_train(args) -> int:
+    """``protofast train dprotonet``: a DProtoNet with a small CNN backbone on the synthetic set (or digits).
+
+    CPU-sized defaults (documented in docs/dprotonet.md): SmallCNN(16, 32, 32) backbone (4×4 map on 32-px
+    images), D = 32, ``--num-masks`` I = 64 (the paper: 240 on 7×7×512), 2 prototypes per class, the CLI's
+    learning rates (1e-3 for every group: the backbone is trained from scratch), multi-image update with
+    ``--copies`` R = 10 every ``--update-every`` epochs and after the last, then ``--last-layer-iters`` passes."""
+    import os
+    import sys
+
+    from . import data as pf_data
+    from .models import SmallCNN
+    from .train import save_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out == "protofast-protopnet":            # the train subcommand's default directory
+        args.out = "protofast-dprotonet"
+    if args.dataset == "synthetic":
+        train_set = pf_data.SyntheticParts(args.train_size, num_classes=10, image_size=32, seed=args.seed,
+                                           split="train")
+        test_set = pf_data.SyntheticParts(args.test_size, num_classes=10, image_size=32, seed=args.seed, split="test")
+    else:
+        try:
+            train_set = pf_data.load_digits_dataset("train", image_size=32, seed=args.seed)
+            test_set = pf_data.load_digits_dataset("test", image_size=32, seed=args.seed)
+        except ImportError as exc:
+            print(f"protofast train: {exc}", file=sys.stderr)
+            return 2
+    torch.manual_seed(args.seed)
+    model = DProtoNet(SmallCNN(channels=(16, 32, 32)), 10, prototypes_per_class=args.prototypes_per_class,
+                      num_masks=args.num_masks, prototype_dim=32, input_shape=(3, 32, 32), mask_seed=args.seed)
+    from .cli import TRAIN_LRS
+
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(args.seed))
+    test_loader = DataLoader(test_set, batch_size=256)
+    print(f"protofast train dprotonet: {args.dataset} ({len(train_set)} train / {len(test_set)} test, 10 classes), "
+          f"{model.num_prototypes} prototypes of D={model.prototype_shape[1]}, {model.num_masks} masks on a "
+          f"{model.feature_size[0]}x{model.feature_size[1]} map, {sum(p.numel() for p in model.parameters())} "
+          f"parameters, {torch.get_num_threads()} threads")
+    result = train_dprotonet(model, train_loader, test_loader, args.epochs,
+                             warm_epochs=min(args.warm_epochs, args.epochs), update_every=args.update_every,
+                             R=args.copies, last_layer_iters=args.last_layer_iters,
+                             lrs={k: v for k, v in TRAIN_LRS.items()}, lr_scale=args.lr_scale,
+                             progress=not args.no_progress, seed=args.seed)
+    rows = [r for r in result.history if "backbone_s" in r]
+    print(f"final test accuracy {result.test_acc:.4f}; training {result.seconds:.1f} s "
+          f"(backbone {sum(r['backbone_s'] for r in rows):.1f} s, prototype head {sum(r['head_s'] for r in rows):.1f} s)")
+    extra = {"format": "protofast.DProtoNet/1",
+             "train": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
+             "test_acc": result.test_acc, "seconds": result.seconds, "history": result.history}
+    save_checkpoint(model, args.out, extra=extra)
+    print(f"checkpoint written to {os.path.abspath(args.out)} (model.pt, config.json; "
+          "load with protofast.dprotonet_train.load_dprotonet)")
+    return 0

@@ -269,3 +269,26 @@ def test_update_bad_arguments():
         update_prototypes(model, DataLoader(_image_set(), batch_size=4, shuffle=True), progress=False)
     with pytest.raises(TypeError, match="DProtoNet"):
         update_prototypes(protofast.models.ProtoPNet(nn.Identity(), 2, backbone_channels=4), loader)
+
+
+# --------------------------------------------------------------------------------------------- training, CLI
+def test_cli_train_dprotonet_smoke(tmp_path, capsys):
+    import json
+
+    from protofast.cli import main
+    from protofast.dprotonet_train import load_dprotonet
+
+    out = tmp_path / "run"
+    rc = main(["train", "dprotonet", "--epochs", "2", "--warm-epochs", "1", "--train-size", "60", "--test-size",
+               "30", "--num-masks", "8", "--copies", "2", "--update-every", "1", "--last-layer-iters", "1",
+               "--batch-size", "30", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "final test accuracy" in text and "prototype update after epoch 1 (R=2)" in text
+    config = json.loads((out / "config.json").read_text())
+    phases = [row["phase"] for row in config["history"]]
+    assert phases == ["warm", "update", "last 1", "joint", "update", "last 1"]
+    model = load_dprotonet(str(out))
+    assert model.num_masks == 8 and model.feature_size == (4, 4)
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x)[0].shape == (2, 10)
