@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .models.dprotonet import DProtoNet, PushView
-from .ops.distances import prototype_min_distances
+from .models.dprotonet import DProtoNet, PushView, mask_min_distances
 
 __all__ = ["RandomWarp", "UpdateResult", "update_prototypes", "train_dprotonet"]
 
@@ -188,7 +187,7 @@ def update_prototypes(model: DProtoNet, loader, R: int = 40, augment: Union[str,
             views = _views(images, R, augment, include_original, generator).to(device, images.dtype)
             z = model.masked_vectors(model.conv_features(views))                         # [U·R, I, D]
             protos = torch.nonzero(torch.isin(image_index, chunk)).flatten()             # [Mc]
-            _, argmin = prototype_min_distances(z, old[protos.to(device)].to(z.dtype))
+            _, argmin = mask_min_distances(z, old[protos.to(device)].to(z.dtype))
             u = torch.searchsorted(chunk, image_index[protos])                           # position in chunk
             rows = (u[:, None] * R + torch.arange(R)[None, :]).to(device)                # [Mc, R]
             cols = torch.arange(len(protos), device=device)[:, None].expand(-1, R)

@@ -78,6 +78,13 @@ def _feature_shape(backbone: nn.Module, input_shape: Sequence[int]) -> Tuple[int
     return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
 
 
+def mask_min_distances(z: Tensor, prototypes: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(min_i s[b, i, m], argmin_i)`` for masked vectors ``z [B, I, D]`` from :func:`protofast.masked_gap`:
+    ``z.transpose(1, 2).unsqueeze(-1)`` is a contiguous ``[B, D, I, 1]`` map that the fused
+    :func:`protofast.prototype_min_distances` reads channels-first, with no copy; the flat argmin is the mask."""
+    return protofast.prototype_min_distances(z.transpose(1, 2).unsqueeze(-1), prototypes)
+
+
 class DProtoNet(ProtoPNet):
     """DProtoNet: backbone → shaping net → masked GAP over I fixed random feature masks → prototype layer (min
     over masks of the squared L2 distance) → log-similarity (ε = 1e-12) → last layer.
@@ -171,7 +178,7 @@ class DProtoNet(ProtoPNet):
         """``(z [B, I, D], min_distances [B, M], argmin [B, M])``: argmin = index i of the mask whose vector is
         nearest to each prototype (first occurrence)."""
         z = self.masked_vectors(features)
-        min_distances, argmin = protofast.prototype_min_distances(z, self.prototype_vectors.to(z.dtype))
+        min_distances, argmin = mask_min_distances(z, self.prototype_vectors.to(z.dtype))
         return z, min_distances, argmin
 
     def head(self, z: Tensor) -> Tuple[Tensor, Tensor]:

@@ -14,14 +14,21 @@ nothing of size B×I×D×H×W (the literal M_i ⊙ F) is ever formed. The backwa
 
 each computed only when that input needs a gradient (the default DProtoNet masks are a fixed buffer).
 
-Why no C++ / Triton kernel: the op *is* a batched GEMM, so ``torch.bmm`` runs it on the best GEMM of each device
-(MKL/oneDNN on CPU, cuBLAS batched GEMM on CUDA, half inputs accumulated in float32 by cuBLAS);
+Layout: every GEMM writes its [D, X, Y] result straight into a contiguous [X, D, Y] buffer (the output's
+leading dimension does the layout change, 1/S is the GEMM's alpha), so no transposing copy is ever made (a
+transposing copy of z costs about as much as the GEMM itself on the CPU). z is therefore returned as the
+[B, I, D] view ``buffer.transpose(1, 2)`` of a contiguous [B, D, I] buffer: ``z.transpose(1, 2).unsqueeze(-1)``
+is a contiguous [B, D, I, 1] "feature map" that :func:`protofast.prototype_min_distances` reads channels-first
+with no copy (the mask index is the argmin), which is how DProtoNet uses it.
+
+Why no C++ / Triton kernel: the op *is* a batched GEMM, so ``torch.baddbmm`` runs it on the best GEMM of each
+device (MKL/oneDNN on CPU, cuBLAS strided-batched GEMM on CUDA, half inputs accumulated in float32 by cuBLAS);
 ``benchmarks/dprotonet_head.py`` measures it against the bare bmm of the same operands (the GEMM floor) on CPU.
 No GPU timing is claimed.
 
 Operators (namespace ``protofast``), on contiguous-or-not inputs of one dtype:
 
-    masked_gap(F [B, D, H, W], M [I, D, H, W]) -> z [B, I, D]
+    masked_gap(F [B, D, H, W], M [I, D, H, W]) -> z [B, I, D]   (strides of a [B, D, I] buffer)
     masked_gap_grad_features(G [B, I, D], M [I, D, H, W], H, W) -> ∂L/∂F [B, D, H, W]
     masked_gap_grad_masks(G [B, I, D], F [B, D, H, W]) -> ∂L/∂M [I, D, H, W]
 
@@ -49,9 +56,14 @@ def _channel_batches(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).reshape(t.shape[0], t.shape[1], -1).transpose(0, 1)
 
 
-def _contiguous_copy(view: Tensor, dtype: torch.dtype) -> Tensor:
-    """One pass: a contiguous tensor of ``dtype`` holding ``view`` (layout change and cast together)."""
-    return torch.empty(view.shape, dtype=dtype, device=view.device).copy_(view)
+def _scaled_bmm_into(a: Tensor, b: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``scale · bmm(a, b)`` for a [D, X, Y] result, written straight into a contiguous ``[X, D, Y]`` buffer
+    (the GEMM's output leading dimension does the layout change; no transposing copy). Returns the buffer in
+    ``dtype``."""
+    D, X, Y = a.shape[0], a.shape[1], b.shape[2]
+    buf = torch.empty(X, D, Y, dtype=a.dtype, device=a.device)
+    torch.baddbmm(buf.new_zeros(()), a, b, beta=0, alpha=scale, out=buf.transpose(0, 1))
+    return buf if buf.dtype == dtype else buf.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -61,25 +73,25 @@ def _masked_gap(features: Tensor, masks: Tensor) -> Tensor:
     dtype = _compute_dtype(features)
     Fc = _channel_batches(features, dtype)                     # [D, B, S]
     Mc = _channel_batches(masks, dtype).transpose(1, 2)        # [D, S, I]
-    z = torch.baddbmm(Fc.new_zeros(()), Fc, Mc, beta=0, alpha=1.0 / (H * W))   # [D, B, I], scaled by 1/S
-    return _contiguous_copy(z.permute(1, 2, 0), features.dtype)                 # [B, I, D]
+    z = _scaled_bmm_into(Fc, Mc, 1.0 / (H * W), features.dtype)   # [B, D, I] memory
+    return z.transpose(1, 2)                                   # [B, I, D] view of it
 
 
 @_masked_gap.register_fake
 def _(features, masks):
-    return features.new_empty(features.shape[0], masks.shape[0], features.shape[1])
+    return features.new_empty(features.shape[0], features.shape[1], masks.shape[0]).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------- backward
 @torch.library.custom_op("protofast::masked_gap_grad_features", mutates_args=())
 def masked_gap_grad_features(grad: Tensor, masks: Tensor, H: int, W: int) -> Tensor:
-    """∂L/∂F [B, D, H, W] from G = ∂L/∂z [B, I, D]."""
+    """∂L/∂F [B, D, H, W] from G = ∂L/∂z [B, I, D] (any strides)."""
     B, I, D = grad.shape
     dtype = _compute_dtype(grad)
     G = grad.to(dtype).permute(2, 0, 1)                        # [D, B, I]
     Mc = _channel_batches(masks, dtype)                        # [D, I, S]
-    out = torch.baddbmm(G.new_zeros(()), G, Mc, beta=0, alpha=1.0 / (H * W))   # [D, B, S]
-    return _contiguous_copy(out.transpose(0, 1), grad.dtype).reshape(B, D, H, W)
+    out = _scaled_bmm_into(G, Mc, 1.0 / (H * W), grad.dtype)      # [B, D, S]
+    return out.view(B, D, H, W)
 
 
 @masked_gap_grad_features.register_fake
@@ -89,14 +101,14 @@ def _(grad, masks, H, W):
 
 @torch.library.custom_op("protofast::masked_gap_grad_masks", mutates_args=())
 def masked_gap_grad_masks(grad: Tensor, features: Tensor) -> Tensor:
-    """∂L/∂M [I, D, H, W] from G = ∂L/∂z [B, I, D]."""
+    """∂L/∂M [I, D, H, W] from G = ∂L/∂z [B, I, D] (any strides)."""
     B, I, D = grad.shape
     H, W = features.shape[2], features.shape[3]
     dtype = _compute_dtype(grad)
     Gt = grad.to(dtype).permute(2, 1, 0)                       # [D, I, B]
     Fc = _channel_batches(features, dtype)                     # [D, B, S]
-    out = torch.baddbmm(Gt.new_zeros(()), Gt, Fc, beta=0, alpha=1.0 / (H * W))  # [D, I, S]
-    return _contiguous_copy(out.transpose(0, 1), grad.dtype).reshape(I, D, H, W)
+    out = _scaled_bmm_into(Gt, Fc, 1.0 / (H * W), grad.dtype)     # [I, D, S]
+    return out.view(I, D, H, W)
 
 
 @masked_gap_grad_masks.register_fake
@@ -112,7 +124,6 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     features, masks = ctx.saved_tensors
-    grad = grad.contiguous()
     grad_features = grad_masks = None
     if ctx.needs_input_grad[0]:
         grad_features = masked_gap_grad_features(grad, masks, ctx.hw[0], ctx.hw[1])
@@ -163,7 +174,8 @@ def masked_gap(features: Tensor, masks: Tensor) -> Tensor:
         A NaN in ``F[b, c]`` (or ``M[i, c]``) makes exactly the entries ``z[b, :, c]`` (``z[:, i, c]``) NaN.
 
     Memory: the inputs and z only (plus contiguous copies of the operands when their strides need one); the
-    ``[B, I, D, H, W]`` product is never formed.
+    ``[B, I, D, H, W]`` product is never formed. z is a transposed view of a contiguous ``[B, D, I]`` buffer
+    (``z.transpose(1, 2)`` is contiguous; call ``.contiguous()`` for row-major [B, I, D]).
     """
     check_masked_gap_inputs(features, masks)
     return _masked_gap(features, masks)
