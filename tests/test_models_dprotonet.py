@@ -292,3 +292,57 @@ def test_cli_train_dprotonet_smoke(tmp_path, capsys):
     assert model.num_masks == 8 and model.feature_size == (4, 4)
     x = torch.rand(2, 3, 32, 32)
     assert model(x)[0].shape == (2, 10)
+
+
+# --------------------------------------------------------------------------------------------- MDM decoder
+from protofast import mdm  # noqa: E402
+
+
+def test_mdm_batched_equals_one_problem_at_a_time():
+    """All (image, size) mask-vector problems in one batch follow exactly their separate trajectories."""
+    model = _image_model(seed=3)
+    x = _image_set(n=3).tensors[0]
+    j = torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        t = mdm._masked_vector(model, x, j) + 0.05
+    sizes = (2, 3, 5)
+    batched = mdm.optimise_mask_vectors(model, x, j, t, sizes=sizes, iterations=6, lr=0.05, eta=0.5)
+    assert [tuple(d.shape) for d in batched] == [(3, 2, 2), (3, 3, 3), (3, 5, 5)]
+    for n in range(3):
+        for k, a in enumerate(sizes):
+            (alone,) = mdm.optimise_mask_vectors(model, x[n:n + 1], j[n:n + 1], t[n:n + 1], sizes=(a,),
+                                                 iterations=6, lr=0.05, eta=0.5)
+            torch.testing.assert_close(batched[k][n], alone[0], rtol=1e-9, atol=1e-9)
+    assert not torch.equal(batched[0], torch.full_like(batched[0], 0.5))       # it moved
+    assert all(float(d.min()) >= 0 and float(d.max()) <= 1 for d in batched)   # clamped
+    assert all(p.grad is None for p in model.parameters())                      # network frozen
+
+
+def test_mdm_generate_mask_threshold_normalise_and_constant_guard():
+    d = [torch.tensor([[[1.0, 0.0], [1.0, 0.5]]]), torch.tensor([[[1.0, 1.0], [1.0, 1.0]]]),
+         torch.tensor([[[1.0, 1.0], [0.5, 1.0]]])]
+    A = mdm.generate_mask(d, (2, 2), gamma=3.0)                                 # S = [[3, 2], [2.5, 2.5]]
+    torch.testing.assert_close(A, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
+    A = mdm.generate_mask(d, (2, 2), gamma=2.0)                                 # all kept: (S − 2)/(3 − 2)
+    torch.testing.assert_close(A, torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]))
+    low = [torch.zeros(1, 2, 2)]
+    assert torch.equal(mdm.generate_mask(low, (4, 4)), torch.zeros(1, 4, 4))   # constant map -> zeros
+    assert torch.isnan(mdm.generate_mask(low, (4, 4), constant_map="nan")).all()
+    with pytest.raises(ValueError, match="constant_map"):
+        mdm.generate_mask(low, (4, 4), constant_map="one")
+    B = mdm.binarise(torch.tensor([[[0.1, 0.9], [0.5, 0.3]]]), keep=0.5)
+    assert B.tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+
+
+def test_mdm_explain_and_figure(tmp_path):
+    model = _image_model(seed=4)
+    x = _image_set(n=2).tensors[0]
+    predicted, proto, j_x = mdm.prototypes_for(model, x)
+    own = model.prototype_class_identity[proto].argmax(1)
+    assert torch.equal(own, predicted)
+    result = mdm.explain(model, x, x.flip(0), sizes=(2, 3), iterations=3)
+    assert result.mask.shape == (2, 8, 8) and result.heatmap.shape == (2, 3, 8, 8)
+    assert float(result.mask.min()) >= 0 and float(result.mask.max()) <= 1
+    torch.testing.assert_close(result.heatmap, 0.5 * x + 0.3 * result.mask[:, None])
+    path = mdm.save_mdm_figure(result, x, x.flip(0), str(tmp_path / "mdm.png"))
+    assert (tmp_path / "mdm.png").stat().st_size > 1000 and path.endswith("mdm.png")
