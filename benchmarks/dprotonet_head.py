@@ -164,7 +164,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ part 1: masked_gap vs its GEMM floor
     floor = HeadFloor(inp)
     Fg = inp["F"].clone().requires_grad_()
-    gz = torch.rand(B, I, D)
+    gz = torch.rand(B, D, I).transpose(1, 2)                         # ∂L/∂z in z's layout (as the fused op gives it)
 
     def op_fwd():
         with torch.no_grad():
