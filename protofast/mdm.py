@@ -132,11 +132,12 @@ class MDMResult:
 
 
 def binarise(A: Tensor, keep: float) -> Tensor:
-    """1 on the top ``keep`` fraction of each map (ties at the threshold kept), 0 elsewhere."""
+    """1 on the top ``keep`` fraction of each map (ties at the threshold kept), 0 elsewhere; pixels where A = 0
+    (removed by the γ threshold) never enter the mask, so a sparse A gives fewer than ``keep`` pixels."""
     flat = A.flatten(1)
     k = max(1, int(round(keep * flat.shape[1])))
     thresh = flat.topk(k, dim=1).values[:, -1]
-    return (A >= thresh[:, None, None]).to(A.dtype)
+    return ((A >= thresh[:, None, None]) & (A > 0)).to(A.dtype)
 
 
 def explain(model, images: Tensor, source_images: Tensor, sizes: Sequence[int] = DEFAULT_SIZES,

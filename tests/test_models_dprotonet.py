@@ -332,6 +332,8 @@ def test_mdm_generate_mask_threshold_normalise_and_constant_guard():
         mdm.generate_mask(low, (4, 4), constant_map="one")
     B = mdm.binarise(torch.tensor([[[0.1, 0.9], [0.5, 0.3]]]), keep=0.5)
     assert B.tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+    B = mdm.binarise(torch.tensor([[[0.0, 0.7], [0.0, 0.0]]]), keep=0.5)      # zeros (below γ) never kept
+    assert B.tolist() == [[[0.0, 1.0], [0.0, 0.0]]]
 
 
 def test_mdm_explain_and_figure(tmp_path):
