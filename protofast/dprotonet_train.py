@@ -345,6 +345,8 @@ def cli_train(args) -> int:
     extra = {"format": "protofast.DProtoNet/1",
              "train": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
              "test_acc": result.test_acc, "seconds": result.seconds, "history": result.history}
+    if result.push_results:           # x^{p_t} of the MDM decoder: each prototype's source image (train index)
+        extra["prototype_source_index"] = result.push_results[-1].image_index.tolist()
     save_checkpoint(model, args.out, extra=extra)
     print(f"checkpoint written to {os.path.abspath(args.out)} (model.pt, config.json; "
           "load with protofast.dprotonet_train.load_dprotonet)")

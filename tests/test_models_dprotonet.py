@@ -288,6 +288,7 @@ def test_cli_train_dprotonet_smoke(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     phases = [row["phase"] for row in config["history"]]
     assert phases == ["warm", "update", "last 1", "joint", "update", "last 1"]
+    assert len(config["prototype_source_index"]) == 20
     model = load_dprotonet(str(out))
     assert model.num_masks == 8 and model.feature_size == (4, 4)
     x = torch.rand(2, 3, 32, 32)
