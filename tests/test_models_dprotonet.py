@@ -349,3 +349,26 @@ def test_mdm_explain_and_figure(tmp_path):
     torch.testing.assert_close(result.heatmap, 0.5 * x + 0.3 * result.mask[:, None])
     path = mdm.save_mdm_figure(result, x, x.flip(0), str(tmp_path / "mdm.png"))
     assert (tmp_path / "mdm.png").stat().st_size > 1000 and path.endswith("mdm.png")
+
+
+def test_head_and_loss_compile_fullgraph():
+    """masked_gap → channels-first fused min distances → log-similarity → last layer → losses in one graph."""
+    model = _model(torch.float32)
+    x, y = _batch(dtype=torch.float32)
+    f = model.conv_features(x).detach().requires_grad_()
+
+    def step(features):
+        logits, mind = model.head(features)
+        return model.loss(logits, mind, y)[0]
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        eager = step(f)
+        (g_eager,) = torch.autograd.grad(eager, (f,))
+        out = compiled(f)
+        (g_compiled,) = torch.autograd.grad(out, (f,))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
