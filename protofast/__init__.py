@@ -9,6 +9,7 @@ from .ops import (
     cluster_separation_costs,
     log_similarity,
     mask_views,
+    masked_gap,
     masked_l1,
     mean_distance_loss,
     prototype_distance_maps,
@@ -29,6 +30,7 @@ __all__ = [
     "masked_l1",
     "mean_distance_loss",
     "mask_views",
+    "masked_gap",
     # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
     "push_prototypes",
     "PushResult",

@@ -118,6 +118,12 @@ TRAIN_LRS = {"features": 1e-3, "add_on_layers": 1e-3, "prototype_vectors": 1e-3,
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "dprotonet":
+        from .dprotonet_train import cli_train
+        return cli_train(args)
+    if args.model == "protomask":
+        from .protomask_train import train_protomask_cli
+        return train_protomask_cli(args)
     import time
 
     import torch
@@ -127,9 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .models import ProtoPNet, SmallCNN
     from .train import save_checkpoint, save_prototype_figure, train_protopnet
 
-    if args.model == "protomask":
-        from .protomask_train import train_protomask_cli
-        return train_protomask_cli(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -249,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print per-epoch accuracy and the backbone/head time split, and write a checkpoint "
                     "(model.pt + config.json) and a prototype figure (prototypes.png) into --out. "
                     "Runs under torchrun (DDP, gloo on CPU).")
-    p_train.add_argument("model", choices=("protopnet", "protomask"), help="the architecture")
+    p_train.add_argument("model", choices=("protopnet", "dprotonet", "protomask"), help="the architecture")
     p_train.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
                          help="synthetic: protofast.data.SyntheticParts (default); digits: scikit-learn's digits")
     p_train.add_argument("--epochs", type=int, default=20, help="warm + joint epochs (default 20)")
@@ -272,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--no-figure", action="store_true", help="skip prototypes.png")
     from .protomask_train import add_cli_options as _protomask_options
     _protomask_options(p_train)
+    p_train.add_argument("--num-masks", type=int, default=64, help="dprotonet: feature masks I (default 64)")
+    p_train.add_argument("--copies", type=int, default=10,
+                         help="dprotonet: augmented copies R per prototype update (default 10)")
+    p_train.add_argument("--update-every", type=int, default=10,
+                         help="dprotonet: multi-image prototype update every N epochs and after the last (default 10)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

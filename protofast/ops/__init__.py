@@ -2,6 +2,7 @@
 from .distances import log_similarity, prototype_distance_maps, prototype_min_distances
 from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
 from .views import mask_views
+from .masked_gap import masked_gap
 
 __all__ = [
     "prototype_min_distances",
@@ -11,4 +12,5 @@ __all__ = [
     "masked_l1",
     "mean_distance_loss",
     "mask_views",
+    "masked_gap",
 ]
