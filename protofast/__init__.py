@@ -10,6 +10,9 @@ from .ops import (
     log_similarity,
     masked_l1,
     mean_distance_loss,
+    pipnet_losses,
+    pipnet_presence,
+    PIPNetLosses,
     prototype_distance_maps,
     prototype_min_distances,
 )
@@ -27,6 +30,9 @@ __all__ = [
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    "pipnet_presence",
+    "pipnet_losses",
+    "PIPNetLosses",
     # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
     "push_prototypes",
     "PushResult",

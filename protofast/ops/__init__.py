@@ -1,6 +1,7 @@
 """The public operators, one module per op family (schema, fake kernel, autograd, per-device implementation)."""
 from .distances import log_similarity, prototype_distance_maps, prototype_min_distances
 from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
+from .pipnet import PIPNetLosses, pipnet_losses, pipnet_presence
 
 __all__ = [
     "prototype_min_distances",
@@ -9,4 +10,7 @@ __all__ = [
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    "pipnet_presence",
+    "pipnet_losses",
+    "PIPNetLosses",
 ]

@@ -24,3 +24,4 @@ __all__ = [
     "mean_distance_loss",
     "mean_min_distance_loss",
 ]
+from . import pipnet  # noqa: E402  (PIP-Net: protofast.reference.pipnet.pipnet_presence / pipnet_losses)
