@@ -55,7 +55,8 @@ def _use_cpp(features: Tensor) -> bool:
 
 
 def _use_triton(features: Tensor) -> bool:
-    return backend_for(features.device) == "triton"
+    """The Triton kernels take float32 / float16 / bfloat16; float64 on CUDA runs the torch path."""
+    return backend_for(features.device) == "triton" and features.dtype != torch.float64
 
 
 def _rows_per_chunk(D: int, N: int) -> int:
