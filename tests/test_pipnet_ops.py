@@ -445,3 +445,19 @@ def test_many_location_tiles_ties_and_nan(backend):
         pooled, argmax = protofast.pipnet_presence(bad)
         assert torch.equal(argmax[1], torch.full((9,), 100)) and torch.isnan(pooled[1]).all()
         assert torch.equal(argmax, ref.pipnet_presence(bad.double())[1])
+
+
+def test_non_contiguous_features(backend):
+    """channels_last maps (a conv backbone's output) and strided views give the same values and gradients."""
+    base = features((4, 6, 5, 6), torch.float64, seed=23).detach()
+    W, b = classifier(3, 6, bias=True)
+    want = protofast.pipnet_losses(base.clone().requires_grad_(), torch.tensor([0, 2]), W, b)
+    for a in (base.to(memory_format=torch.channels_last), torch.stack([base, base], -1)[..., 0]):
+        assert not a.is_contiguous()
+        a = a.requires_grad_()
+        got = protofast.pipnet_losses(a, torch.tensor([0, 2]), W, b)
+        for name in ("loss", "align", "tanh", "classification", "pooled", "out"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-14)
+        (g,) = torch.autograd.grad(got.loss, a)
+        run_losses(a, torch.tensor([0, 2]), W, b, torch.float64)
+        assert g.shape == a.shape
