@@ -350,15 +350,15 @@ def test_gradcheck_losses(backend):
 
 
 # --------------------------------------------------------------------------------------------- registration
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
 @pytest.mark.parametrize("align", [False, True], ids=["presence", "align"])
 def test_opcheck(backend, align, dtype):
     a = features((4, 5, 3, 2), dtype, seed=18)
     torch.library.opcheck(ops.pipnet_forward.default, (a, align))
     pooled, argmax, _, lse, dot = ops.pipnet_forward(a.detach(), align)
-    gp = upstream(pooled, 1).to(dtype)
+    gp = upstream(pooled, 1).to(pooled.dtype)
     torch.library.opcheck(ops.pipnet_backward.default,
-                          (gp, torch.tensor(0.7, dtype=dtype), a.detach(), lse, pooled, argmax, dot, align))
+                          (gp, torch.tensor(0.7, dtype=pooled.dtype), a.detach(), lse, pooled, argmax, dot, align))
 
 
 def test_compile_fullgraph(backend):
