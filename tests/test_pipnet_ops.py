@@ -461,3 +461,28 @@ def test_non_contiguous_features(backend):
         (g,) = torch.autograd.grad(got.loss, a)
         run_losses(a, torch.tensor([0, 2]), W, b, torch.float64)
         assert g.shape == a.shape
+
+
+# --------------------------------------------------------------------------------------------- properties
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), D=st.integers(1, 12), H=st.integers(1, 9), W=st.integers(1, 9), K=st.integers(1, 4),
+       seed=st.integers(0, 10_000), integer=st.booleans())
+def test_property_random_shapes(backend, B, D, H, W, K, seed, integer):
+    """Random shapes (including 64-location tiles and their tails) against the float64 oracle; integer-valued
+    features create exact ties everywhere, where the loss values and the pooled values must still match."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2 * B, D, H, W)
+    if integer:
+        a = torch.randint(-2, 3, shape, generator=g).double()
+        got = protofast.pipnet_losses(a, torch.arange(B) % K, torch.rand(K, D, generator=g, dtype=torch.float64))
+        want = ref.pipnet_losses(a)
+        for name in ("align", "tanh", "pooled"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-12)
+        return
+    a = features(shape, torch.float64, seed=seed, min_gap=1e-6)
+    W_, b_ = classifier(K, D, bias=True, seed=seed + 1)
+    run_losses(a, torch.arange(B) % K, W_, b_, torch.float64, upstream_seed=seed)
