@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import protofast
 import protofast.ops.pipnet as pipnet_ops
@@ -464,10 +466,6 @@ def test_non_contiguous_features(backend):
 
 
 # --------------------------------------------------------------------------------------------- properties
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-
 @settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 3), D=st.integers(1, 12), H=st.integers(1, 9), W=st.integers(1, 9), K=st.integers(1, 4),
        seed=st.integers(0, 10_000), integer=st.booleans())
