@@ -12,6 +12,9 @@ from .ops import (
     masked_gap,
     masked_l1,
     mean_distance_loss,
+    pipnet_losses,
+    pipnet_presence,
+    PIPNetLosses,
     prototype_distance_maps,
     prototype_min_distances,
 )
@@ -31,6 +34,9 @@ __all__ = [
     "mean_distance_loss",
     "mask_views",
     "masked_gap",
+    "pipnet_presence",
+    "pipnet_losses",
+    "PIPNetLosses",
     # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
     "push_prototypes",
     "PushResult",

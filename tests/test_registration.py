@@ -21,7 +21,7 @@ ops = torch.ops.protofast
 REGISTERED = ["set_min_distances", "set_min_distances_backward", "set_distance_maps", "set_distance_maps_backward",
               "log_similarity", "log_similarity_backward", "cluster_separation", "cluster_separation_backward",
               "multilabel_cluster_separation", "masked_l1", "masked_l1_backward", "mean_distance",
-              "mean_distance_exact",
+              "mean_distance_exact", "pipnet_forward", "pipnet_backward",
               "masked_gap", "masked_gap_grad_features", "masked_gap_grad_masks"]   # opcheck: test_masked_gap.py
 
 

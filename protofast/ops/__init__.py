@@ -3,6 +3,7 @@ from .distances import log_similarity, prototype_distance_maps, prototype_min_di
 from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
 from .views import mask_views
 from .masked_gap import masked_gap
+from .pipnet import PIPNetLosses, pipnet_losses, pipnet_presence
 
 __all__ = [
     "prototype_min_distances",
@@ -13,4 +14,7 @@ __all__ = [
     "mean_distance_loss",
     "mask_views",
     "masked_gap",
+    "pipnet_presence",
+    "pipnet_losses",
+    "PIPNetLosses",
 ]

@@ -26,3 +26,4 @@ __all__ = [
     "mean_min_distance_loss",
     "protomask",
 ]
+from . import pipnet  # noqa: E402  (PIP-Net: protofast.reference.pipnet.pipnet_presence / pipnet_losses)
