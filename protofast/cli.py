@@ -13,6 +13,10 @@
     ``protofast.train.load_checkpoint(DIR)``) and ``DIR/prototypes.png``. Runs under ``torchrun`` (DDP over gloo
     on CPU; only rank 0 prints and writes).
 
+``protofast train pipnet [--dataset synthetic|digits] [--epochs N] [--pretrain-epochs N] [--num-prototypes D] ...``
+    trains a PIP-Net (:mod:`protofast.pipnet_train`), prints test accuracy, abstention on pure-noise images and
+    the explanation sizes; writes ``DIR/model.pt``, ``DIR/config.json`` and ``DIR/prototypes_topk.png``.
+
 ``python -m protofast.cli ...`` works too. Heavy imports (torch) happen inside the commands only.
 """
 from __future__ import annotations
@@ -118,6 +122,9 @@ TRAIN_LRS = {"features": 1e-3, "add_on_layers": 1e-3, "prototype_vectors": 1e-3,
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "pipnet":
+        from .pipnet_train import cli_train_pipnet
+        return cli_train_pipnet(args)
     import time
 
     import torch
@@ -246,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print per-epoch accuracy and the backbone/head time split, and write a checkpoint "
                     "(model.pt + config.json) and a prototype figure (prototypes.png) into --out. "
                     "Runs under torchrun (DDP, gloo on CPU).")
-    p_train.add_argument("model", choices=("protopnet",), help="the architecture")
+    p_train.add_argument("model", choices=("protopnet", "pipnet"), help="the architecture")
     p_train.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
                          help="synthetic: protofast.data.SyntheticParts (default); digits: scikit-learn's digits")
     p_train.add_argument("--epochs", type=int, default=20, help="warm + joint epochs (default 20)")
@@ -267,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_train.add_argument("--no-figure", action="store_true", help="skip prototypes.png")
+    p_train.add_argument("--pretrain-epochs", type=int, metavar="N",
+                         help="pipnet: self-supervised pretraining epochs before --epochs (default 3)")
+    p_train.add_argument("--num-prototypes", type=int, metavar="D",
+                         help="pipnet: prototypes D (a 1x1 conv add-on; default 32)")
     p_train.set_defaults(func=cmd_train)
     return parser
 
