@@ -18,7 +18,7 @@ from protofast.reference import pipnet as ref
 ops = torch.ops.protofast
 
 
-@pytest.fixture(params=("torch",))
+@pytest.fixture(params=("torch", "cpp"))
 def backend(request, monkeypatch):
     _require_cpp(request.param)
     monkeypatch.setenv("PROTOFAST_BACKEND", request.param)
@@ -407,3 +407,30 @@ def test_bad_inputs():
     for exc, name, fn in cases:
         with pytest.raises(exc, match=name):
             fn()
+
+
+# --------------------------------------------------------------------------------------------- many tiles
+def test_many_location_tiles_ties_and_nan(backend):
+    """H·W = 143 > the C++ kernel's 64-location tile: parity across tiles, first occurrence across tile borders
+    (ties at locations 130, 70, 5 -> 5; a constant sample -> 0), the last NaN across tiles (10, 100 -> 100)."""
+    for dtype in (torch.float32, torch.float64):
+        a = features((4, 9, 13, 11), dtype, seed=21)
+        W, b = classifier(3, 9, dtype, bias=True)
+        run_losses(a, torch.tensor([2, 0]), W, b, dtype)
+        a = a.detach().clone()
+        for loc in (130, 70, 5):
+            a[3, :, loc // 11, loc % 11] = 0.0
+            a[3, 4, loc // 11, loc % 11] = 1000.0
+        a[0] = torch.linspace(-0.5, 1.0, 9, dtype=dtype)[:, None, None]
+        a.requires_grad_()
+        pooled, argmax, ga = check_presence(a)
+        assert argmax[3, 4].item() == 5 and pooled[3, 4].item() == 1.0
+        assert torch.equal(argmax[0], torch.zeros(9, dtype=torch.long))
+        assert torch.count_nonzero(ga[0].flatten(1)[:, 1:]) == 0
+        run_losses(a, torch.tensor([2, 0]), W, b, dtype)
+        bad = a.detach().clone()
+        bad[1, 3, 10 // 11, 10 % 11] = float("nan")
+        bad[1, 7, 100 // 11, 100 % 11] = float("nan")
+        pooled, argmax = protofast.pipnet_presence(bad)
+        assert torch.equal(argmax[1], torch.full((9,), 100)) and torch.isnan(pooled[1]).all()
+        assert torch.equal(argmax, ref.pipnet_presence(bad.double())[1])

@@ -51,8 +51,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _use_cpp(features: Tensor) -> bool:
-    backend_for(features.device)  # validates PROTOFAST_BACKEND; the C++ kernel (csrc/pipnet.cpp) is not wired yet
-    return False
+    return backend_for(features.device) == "cpp"
 
 
 def _use_triton(features: Tensor) -> bool:
