@@ -275,9 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_train.add_argument("--no-figure", action="store_true", help="skip prototypes.png")
     p_train.add_argument("--pretrain-epochs", type=int, metavar="N",
-                         help="pipnet: self-supervised pretraining epochs before --epochs (default 3)")
+                         help="pipnet: self-supervised pretraining epochs (align + tanh) before --epochs "
+                              "(default 0: on the warmed-up SmallCNN it lowers the accuracy reached)")
     p_train.add_argument("--num-prototypes", type=int, metavar="D",
                          help="pipnet: prototypes D (a 1x1 conv add-on; default 32)")
+    p_train.add_argument("--backbone-warmup-epochs", type=int, default=3, metavar="N",
+                         help="pipnet: supervised warm-up epochs of the from-scratch backbone, the stand-in for "
+                              "the original's ImageNet-pretrained backbone (default 3)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

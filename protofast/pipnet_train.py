@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from .models.pipnet import PIPNet, dataset_topk, zero_unused_prototypes
 
-__all__ = ["TwoViewAugment", "PIPNetTrainResult", "train_pipnet", "evaluate_pipnet", "save_pipnet_checkpoint",
-           "load_pipnet_checkpoint", "save_topk_figure", "noise_images", "cli_train_pipnet"]
+__all__ = ["TwoViewAugment", "PIPNetTrainResult", "train_pipnet", "warmup_backbone", "evaluate_pipnet",
+           "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure", "noise_images",
+           "cli_train_pipnet"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
 
@@ -109,9 +110,62 @@ class TwoViewAugment:
         return torch.cat(views, dim=0)
 
 
-def noise_images(n: int, image_size: int = 32, seed: int = 0) -> Tensor:
-    """``n`` pure-noise images ``[n, 3, S, S]``, uniform in [0, 1] (out-of-distribution inputs)."""
-    return torch.rand(n, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+def noise_images(n: int, image_size: int = 32, seed: int = 0, kind: str = "uniform", noise: float = 0.1) -> Tensor:
+    """``n`` pure-noise images ``[n, 3, S, S]`` in [0, 1] (out-of-distribution inputs, no parts):
+
+    - ``"uniform"``: every pixel uniform in [0, 1];
+    - ``"background"``: SyntheticParts' background model without any part: a random base colour in
+      [0.25, 0.6) per image and channel plus Gaussian pixel noise of standard deviation ``noise``, clamped.
+    """
+    if kind not in ("uniform", "background"):
+        raise ValueError(f"kind must be 'uniform' or 'background', got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.rand(n, 3, image_size, image_size, generator=g)
+    base = 0.25 + 0.35 * torch.rand(n, 3, 1, 1, generator=g)
+    return (base + noise * torch.randn(n, 3, image_size, image_size, generator=g)).clamp_(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- backbone warm-up
+def warmup_backbone(backbone: nn.Module, loader, num_classes: int, epochs: int = 3, lr: float = 1e-3,
+                    device=None, progress: bool = False, log: Optional[Callable[[str], None]] = None) -> List[float]:
+    """Supervised warm-up of a from-scratch backbone: ``epochs`` of Adam on cross-entropy of a temporary linear
+    head on the globally max-pooled features (``[B, C, H, W] → max over (i, j) → Linear(C, K)``); the head is
+    discarded. This is the small-scale stand-in for the ImageNet-pretrained backbone M-Nauta/PIPNet always starts
+    from: PIP-Net's self-supervised losses on a random small CNN collapse (one prototype wins every location, the
+    channel softmax saturates and the classification gradient vanishes). Returns the train accuracy per epoch."""
+    from tqdm.auto import tqdm
+
+    device = device or next(backbone.parameters()).device
+    backbone.train()
+    C = _infer_channels_of(backbone, loader, device)
+    head = nn.Linear(C, num_classes).to(device)
+    opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=lr)
+    accs = []
+    for e in range(epochs):
+        correct = total = 0
+        for x, y in tqdm(loader, desc=f"backbone warm-up {e + 1}", leave=False, disable=not progress):
+            x, y = x.to(device), y.to(device)
+            logits = head(backbone(x).amax(dim=(2, 3)))
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.detach().argmax(1) == y).sum())
+            total += int(y.numel())
+        accs.append(correct / max(total, 1))
+        if log is not None:
+            log(f"backbone warm-up {e + 1:>2}/{epochs}  train acc {accs[-1]:.3f}")
+    return accs
+
+
+def _infer_channels_of(backbone: nn.Module, loader, device) -> int:
+    channels = getattr(backbone, "out_channels", None)
+    if isinstance(channels, int):
+        return channels
+    x = next(iter(loader))[0][:1].to(device)
+    with torch.no_grad():
+        return int(backbone(x).shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -352,35 +406,51 @@ def cli_train_pipnet(args) -> int:
         num_classes = 10
     torch.manual_seed(args.seed)
     D = args.num_prototypes if args.num_prototypes is not None else 32
-    model = PIPNet(SmallCNN(channels=(32, 32)), num_classes, num_prototypes=D)
+    backbone = SmallCNN(channels=(32, 32))
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed))
     test_loader = DataLoader(test_set, batch_size=256)
-    pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else 3
+    pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else 0
+    warmup = args.backbone_warmup_epochs
     epochs = args.epochs
+    if args.out == "protofast-protopnet":                  # the protopnet default of the shared --out option
+        args.out = "protofast-pipnet"
     print(f"protofast train pipnet: {args.dataset} ({len(train_set)} train / {len(test_set)} test, {num_classes} "
-          f"classes), D = {model.num_prototypes} prototypes, {sum(p.numel() for p in model.parameters())} "
-          f"parameters, {torch.get_num_threads()} threads; pretrain {pretrain} + train {epochs} epochs")
-    lrs = {"backbone": 2e-3 * args.lr_scale, "add_on": 2e-3 * args.lr_scale, "classification": 0.05 * args.lr_scale}
+          f"classes), SmallCNN backbone, D = {D} prototypes, {torch.get_num_threads()} threads; backbone warm-up "
+          f"{warmup} + pretrain {pretrain} + train {epochs} epochs")
+    t0 = time.perf_counter()
+    if warmup:
+        warmup_backbone(backbone, train_loader, num_classes, epochs=warmup, lr=1e-3 * args.lr_scale,
+                        progress=not args.no_progress, log=print)
+    model = PIPNet(backbone, num_classes, num_prototypes=D)
+    lrs = {"backbone": 1e-3 * args.lr_scale, "add_on": 1e-3 * args.lr_scale, "classification": 0.05 * args.lr_scale}
     result = train_pipnet(model, train_loader, test_loader, epochs=epochs, pretrain_epochs=pretrain,
                           finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed)
+    seconds = time.perf_counter() - t0
     proj_loader = DataLoader(train_set, batch_size=256)
     topk = dataset_topk(model, proj_loader, k=10)
     zeroed = zero_unused_prototypes(model, topk)
     test = evaluate_pipnet(model, test_loader)
-    noise = noise_images(args.test_size, 32, seed=args.seed + 1)
-    ood = evaluate_pipnet(model, DataLoader(noise, batch_size=256))
-    with torch.no_grad():
-        _, noise_out, noise_pooled = model.predict(noise)
+    ood = {}
+    for kind in ("background", "uniform"):
+        noise = noise_images(args.test_size, 32, seed=args.seed + 1, kind=kind)
+        ood[kind] = evaluate_pipnet(model, DataLoader(noise, batch_size=256))
+        with torch.no_grad():
+            _, noise_out, noise_pooled = model.predict(noise)
+        ood[kind]["max_out"] = float(noise_out.max())
+        ood[kind]["mean_max_presence"] = float(noise_pooled.max(1).values.mean())
     print(f"prototypes never above 0.1 in the training set (columns zeroed): {zeroed.tolist()}")
     print(f"test accuracy {test['accuracy']:.4f} (abstained on {test['abstained']:.2%} of test images)")
-    print(f"abstention on {len(noise)} pure-noise images: {ood['abstained']:.2%} (max output "
-          f"{float(noise_out.max()):.3g}, mean max presence score {float(noise_pooled.max(1).values.mean()):.3g})")
+    for kind, label in (("background", "part-free noise images (SyntheticParts' background noise)"),
+                        ("uniform", "uniform-noise images")):
+        print(f"abstention on {args.test_size} pure-noise {label}: {ood[kind]['abstained']:.2%} (max output "
+              f"{ood[kind]['max_out']:.3g}, mean of the largest inference presence score "
+              f"{ood[kind]['mean_max_presence']:.3g})")
     print(f"global size {test['global_size']} of D = {model.num_prototypes}; local size per test image "
           f"{test['local_size_predicted']:.2f} (predicted class), {test['local_size_all']:.2f} (all classes); "
-          f"sparsity {test['sparsity']:.2%}; training {result.seconds:.1f} s")
+          f"sparsity {test['sparsity']:.2%}; training {seconds:.1f} s")
     extra = {"train": {k: v for k, v in vars(args).items() if k not in ("func", "argv")}, "test": test,
-             "noise": ood, "zeroed_prototypes": zeroed.tolist(), "seconds": result.seconds,
+             "noise": ood, "zeroed_prototypes": zeroed.tolist(), "seconds": seconds,
              "history": result.history}
     save_pipnet_checkpoint(model, args.out, extra=extra)
     print(f"checkpoint written to {os.path.abspath(args.out)} (model.pt, config.json)")

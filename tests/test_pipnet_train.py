@@ -13,7 +13,7 @@ from protofast.cli import main
 from protofast.data import SyntheticParts
 from protofast.models import PIPNet, SmallCNN, dataset_topk
 from protofast.pipnet_train import (TwoViewAugment, _shift, evaluate_pipnet, load_pipnet_checkpoint, noise_images,
-                                    save_pipnet_checkpoint, save_topk_figure, train_pipnet)
+                                    save_pipnet_checkpoint, save_topk_figure, train_pipnet, warmup_backbone)
 
 
 def _tiny(seed=0, D=8):
@@ -111,6 +111,16 @@ def test_finetune_steps_only_the_classifier():
     assert not torch.equal(w, before["classification.weight"])
 
 
+def test_backbone_warmup_trains_the_backbone_only():
+    torch.manual_seed(0)
+    backbone = SmallCNN(channels=(8,))
+    before = [p.detach().clone() for p in backbone.parameters()]
+    lines = []
+    accs = warmup_backbone(backbone, DataLoader(_data(32), batch_size=16), 4, epochs=2, log=lines.append)
+    assert len(accs) == 2 and all(0 <= a <= 1 for a in accs) and len(lines) == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))
+
+
 def test_train_rejects_bad_arguments():
     with pytest.raises(TypeError, match="model"):
         train_pipnet(torch.nn.Linear(2, 2), [], epochs=1)
@@ -122,6 +132,11 @@ def test_evaluate_counts_abstentions_on_noise():
     model = _tiny(3)
     noise = noise_images(8, 16, seed=0)
     assert noise.shape == (8, 3, 16, 16) and torch.equal(noise, noise_images(8, 16, seed=0))
+    background = noise_images(8, 16, seed=0, kind="background")
+    assert float(background.min()) >= 0 and float(background.max()) <= 1
+    assert float(background.mean(dim=(2, 3)).std(0).max()) < 0.2 < float(noise.std())   # flat colour + small noise
+    with pytest.raises(ValueError, match="kind"):
+        noise_images(2, kind="gaussian")
     res = evaluate_pipnet(model, DataLoader(noise, batch_size=4))
     assert res["abstained"] == 0.0 and res["n"] == 8
     with torch.no_grad():
@@ -156,12 +171,14 @@ def test_cli_smoke(tmp_path, capsys):
     try:
         rc = main(["train", "pipnet", "--epochs", "1", "--pretrain-epochs", "1", "--train-size", "64",
                    "--test-size", "32", "--batch-size", "32", "--num-prototypes", "8", "--threads", "1",
+                   "--backbone-warmup-epochs", "1",
                    "--no-progress", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert rc == 0
-    for key in ("test accuracy", "pure-noise", "global size", "of D = 8", "local size", "sparsity"):
+    for key in ("test accuracy", "pure-noise part-free", "uniform-noise", "global size", "of D = 8", "local size",
+                "sparsity", "backbone warm-up  1/1"):
         assert key in text, text
     assert (out / "model.pt").is_file() and (out / "prototypes_topk.png").is_file()
     config = json.load(open(out / "config.json"))
