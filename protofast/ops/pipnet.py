@@ -55,7 +55,8 @@ def _use_cpp(features: Tensor) -> bool:
 
 
 def _use_triton(features: Tensor) -> bool:
-    return backend_for(features.device) == "triton"
+    """The Triton kernels take float32 / float16 / bfloat16; float64 on CUDA runs the torch path."""
+    return backend_for(features.device) == "triton" and features.dtype != torch.float64
 
 
 def _rows_per_chunk(D: int, N: int) -> int:
@@ -64,10 +65,18 @@ def _rows_per_chunk(D: int, N: int) -> int:
 
 # --------------------------------------------------------------------------------------------- torch path
 def _softmax_chunk(x: Tensor, acc: torch.dtype):
-    """x [n, D, N] -> (z, lse [n, N]) with z = exp(x − lse) in ``acc``."""
+    """x [n, D, N] -> (z, lse [n, N]): z = softmax over D (torch's fused kernel), and lse recovered from it as
+    lse = max_d x − log max_d z (the largest z is 1/Σ exp(x − max), so this is max + log Σ exp(x − max))."""
     x = x.to(acc)
-    lse = torch.logsumexp(x, dim=1)
-    return torch.exp(x - lse[:, None, :]), lse
+    z = torch.softmax(x, dim=1)
+    lse = x.amax(dim=1) - torch.log(z.amax(dim=1))
+    return z, lse
+
+
+def _recompute_chunk(x: Tensor, lse: Tensor, acc: torch.dtype) -> Tensor:
+    """z = exp(x − lse) for x [n, D, N], lse [n, N] (one temporary, exp in place)."""
+    z = x.to(acc) - lse[:, None, :]
+    return z.exp_()
 
 
 def _max_over_locations(z: Tensor):
@@ -103,48 +112,56 @@ def _forward_torch(a: Tensor, align: bool):
             pooled[v * B + b0:v * B + b1], argmax[v * B + b0:v * B + b1] = _max_over_locations(z)
             if v == 0:
                 z1 = z
-        dot[b0:b1] = (z1 * z).sum(1)
-        del z1
+        dot[b0:b1] = z1.mul_(z).sum(1)
+        del z1, z
     align_loss = -torch.log(dot + EPS_A).mean()
     return pooled, argmax, align_loss, lse, dot
 
 
 def _backward_torch(g_pooled: Tensor, g_align: Tensor, a: Tensor, lse: Tensor, argmax: Tensor, dot: Tensor,
                     align: bool) -> Tensor:
+    """grad = z·(w·(z_other − dot) − sp) + [n = argmax]·z·g (module docstring), chunk by chunk, with sp and the
+    one-hot term as scatters of the [n, D] values z[argmax]·g."""
     S, D, H, W = a.shape
     N = H * W
     acc = lse.dtype
     x = a.reshape(S, D, N)
-    grad = torch.empty_like(x)
+    grad = torch.empty(S, D, N, dtype=acc, device=a.device)
     g_pooled = g_pooled.to(acc)
 
-    def pool_part(s0, s1):
-        G = torch.zeros(s1 - s0, D, N, dtype=acc, device=a.device)
-        return G.scatter_(2, argmax[s0:s1, :, None], g_pooled[s0:s1, :, None])
-
-    def recompute(s0, s1):
-        return torch.exp(x[s0:s1].to(acc) - lse[s0:s1, None, :])
-
-    def finish(s0, s1, z, G):
-        grad[s0:s1] = (z * (G - (z * G).sum(1, keepdim=True))).to(a.dtype)
+    def pooled_terms(z, s0, s1):
+        """(sp [n, N], zg [n, D, 1]) with zg = z[argmax]·g."""
+        idx = argmax[s0:s1, :, None]
+        zg = z.gather(2, idx) * g_pooled[s0:s1, :, None]
+        sp = torch.zeros(s1 - s0, N, dtype=acc, device=a.device).scatter_add_(1, idx[..., 0], zg[..., 0])
+        return sp, zg
 
     if not align:
         step = _rows_per_chunk(D, N)
         for s0 in range(0, S, step):
             s1 = min(S, s0 + step)
-            finish(s0, s1, recompute(s0, s1), pool_part(s0, s1))
-        return grad.reshape(a.shape)
+            z = _recompute_chunk(x[s0:s1], lse[s0:s1], acc)
+            sp, zg = pooled_terms(z, s0, s1)
+            out = torch.mul(z, sp.neg_()[:, None, :], out=grad[s0:s1])
+            out.scatter_add_(2, argmax[s0:s1, :, None], zg)
+        return grad.reshape(a.shape).to(a.dtype)
     B = S // 2
     c = -g_align.to(acc) / (2 * B * N)
     w = c / (dot + EPS_A)                                   # [B, N]
+    wd = w * dot
     step = max(1, _rows_per_chunk(D, N) // 2)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
-        z1, z2 = recompute(b0, b1), recompute(B + b0, B + b1)
+        z1 = _recompute_chunk(x[b0:b1], lse[b0:b1], acc)
+        z2 = _recompute_chunk(x[B + b0:B + b1], lse[B + b0:B + b1], acc)
         wb = w[b0:b1, None, :]
-        finish(b0, b1, z1, pool_part(b0, b1) + wb * z2)
-        finish(B + b0, B + b1, z2, pool_part(B + b0, B + b1) + wb * z1)
-    return grad.reshape(a.shape)
+        for s0, s1, z, zo in ((b0, b1, z1, z2), (B + b0, B + b1, z2, z1)):
+            sp, zg = pooled_terms(z, s0, s1)
+            out = torch.mul(zo, wb, out=grad[s0:s1])
+            out.sub_((wd[b0:b1] + sp)[:, None, :]).mul_(z)
+            out.scatter_add_(2, argmax[s0:s1, :, None], zg)
+        del z1, z2
+    return grad.reshape(a.shape).to(a.dtype)
 
 
 # --------------------------------------------------------------------------------------------- registered ops
