@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--backbone-warmup-epochs", type=int, default=3, metavar="N",
                          help="pipnet: supervised warm-up epochs of the from-scratch backbone, the stand-in for "
                               "the original's ImageNet-pretrained backbone (default 3)")
+    p_train.add_argument("--weight-shrink", type=float, default=1e-3, metavar="S",
+                         help="pipnet: subtracted from every classifier weight after each step (the original: 1e-3)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

@@ -422,7 +422,7 @@ def cli_train_pipnet(args) -> int:
     if warmup:
         warmup_backbone(backbone, train_loader, num_classes, epochs=warmup, lr=1e-3 * args.lr_scale,
                         progress=not args.no_progress, log=print)
-    model = PIPNet(backbone, num_classes, num_prototypes=D)
+    model = PIPNet(backbone, num_classes, num_prototypes=D, weight_shrink=args.weight_shrink)
     lrs = {"backbone": 1e-3 * args.lr_scale, "add_on": 1e-3 * args.lr_scale, "classification": 0.05 * args.lr_scale}
     result = train_pipnet(model, train_loader, test_loader, epochs=epochs, pretrain_epochs=pretrain,
                           finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed)

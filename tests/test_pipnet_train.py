@@ -171,7 +171,7 @@ def test_cli_smoke(tmp_path, capsys):
     try:
         rc = main(["train", "pipnet", "--epochs", "1", "--pretrain-epochs", "1", "--train-size", "64",
                    "--test-size", "32", "--batch-size", "32", "--num-prototypes", "8", "--threads", "1",
-                   "--backbone-warmup-epochs", "1",
+                   "--backbone-warmup-epochs", "1", "--weight-shrink", "0.01",
                    "--no-progress", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -182,4 +182,5 @@ def test_cli_smoke(tmp_path, capsys):
         assert key in text, text
     assert (out / "model.pt").is_file() and (out / "prototypes_topk.png").is_file()
     config = json.load(open(out / "config.json"))
-    assert config["model"]["num_prototypes"] == 8 and "noise" in config
+    assert config["model"]["num_prototypes"] == 8 and config["model"]["weight_shrink"] == 0.01
+    assert set(config["noise"]) == {"background", "uniform"}
