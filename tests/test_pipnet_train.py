@@ -178,9 +178,10 @@ def test_cli_smoke(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     for key in ("test accuracy", "pure-noise part-free", "uniform-noise", "global size", "of D = 8", "local size",
-                "sparsity", "backbone warm-up  1/1"):
+                "sparsity", "backbone warm-up  1/1", "taken as in-distribution"):
         assert key in text, text
     assert (out / "model.pt").is_file() and (out / "prototypes_topk.png").is_file()
     config = json.load(open(out / "config.json"))
     assert config["model"]["num_prototypes"] == 8 and config["model"]["weight_shrink"] == 0.01
     assert set(config["noise"]) == {"background", "uniform"}
+    assert 0 <= config["noise"]["uniform"]["fpr_at_95_tpr"] <= 1
