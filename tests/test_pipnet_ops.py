@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import protofast
 import protofast.ops.pipnet as pipnet_ops
@@ -350,15 +352,15 @@ def test_gradcheck_losses(backend):
 
 
 # --------------------------------------------------------------------------------------------- registration
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
 @pytest.mark.parametrize("align", [False, True], ids=["presence", "align"])
 def test_opcheck(backend, align, dtype):
     a = features((4, 5, 3, 2), dtype, seed=18)
     torch.library.opcheck(ops.pipnet_forward.default, (a, align))
     pooled, argmax, _, lse, dot = ops.pipnet_forward(a.detach(), align)
-    gp = upstream(pooled, 1).to(dtype)
+    gp = upstream(pooled, 1).to(pooled.dtype)
     torch.library.opcheck(ops.pipnet_backward.default,
-                          (gp, torch.tensor(0.7, dtype=dtype), a.detach(), lse, pooled, argmax, dot, align))
+                          (gp, torch.tensor(0.7, dtype=pooled.dtype), a.detach(), lse, pooled, argmax, dot, align))
 
 
 def test_compile_fullgraph(backend):
@@ -461,3 +463,24 @@ def test_non_contiguous_features(backend):
         (g,) = torch.autograd.grad(got.loss, a)
         run_losses(a, torch.tensor([0, 2]), W, b, torch.float64)
         assert g.shape == a.shape
+
+
+# --------------------------------------------------------------------------------------------- properties
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), D=st.integers(1, 12), H=st.integers(1, 9), W=st.integers(1, 9), K=st.integers(1, 4),
+       seed=st.integers(0, 10_000), integer=st.booleans())
+def test_property_random_shapes(backend, B, D, H, W, K, seed, integer):
+    """Random shapes (including 64-location tiles and their tails) against the float64 oracle; integer-valued
+    features create exact ties everywhere, where the loss values and the pooled values must still match."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2 * B, D, H, W)
+    if integer:
+        a = torch.randint(-2, 3, shape, generator=g).double()
+        got = protofast.pipnet_losses(a, torch.arange(B) % K, torch.rand(K, D, generator=g, dtype=torch.float64))
+        want = ref.pipnet_losses(a)
+        for name in ("align", "tanh", "pooled"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-12)
+        return
+    a = features(shape, torch.float64, seed=seed, min_gap=1e-6)
+    W_, b_ = classifier(K, D, bias=True, seed=seed + 1)
+    run_losses(a, torch.arange(B) % K, W_, b_, torch.float64, upstream_seed=seed)
