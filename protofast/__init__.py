@@ -21,6 +21,7 @@ from .ops import (
 
 from . import compat, data, metrics, models, train
 from .push import PushResult, push_prototypes
+from . import pipnet_train
 
 __all__ = [
     "__version__",
@@ -45,4 +46,6 @@ __all__ = [
     "train",
     "metrics",
     "compat",
+    # PIP-Net end to end (models.PIPNet, dataset top-k, compat.pipnet)
+    "pipnet_train",
 ]

@@ -2,12 +2,14 @@
 
 * :mod:`protofast.compat.protopnet`: cfchen-duke/ProtoPNet ``PPNet`` objects (``patch``/``unpatch``), the
   training loop's cost terms (``costs``) and ``push_prototypes`` with the original call signature.
+* :mod:`protofast.compat.pipnet`: M-Nauta/PIPNet ``PIPNet`` objects (``patch``/``unpatch``: fused presence
+  scores) and the train loop's ``calculate_loss`` with the original signature (fused align and tanh terms).
 
 Submodules are imported lazily (``import protofast.compat.protopnet``); importing this package does no work.
 """
 import importlib
 
-__all__ = ["protopnet"]
+__all__ = ["protopnet", "pipnet"]
 
 
 def __getattr__(name):

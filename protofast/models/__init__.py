@@ -1,8 +1,9 @@
-"""Reference architectures built from protofast ops: :class:`ProtoPNet`, :class:`DProtoNet`, :class:`ProtoMask` and
-small backbones."""
+"""Reference architectures built from protofast ops: :class:`ProtoPNet`, :class:`PIPNet`, :class:`DProtoNet`,
+:class:`ProtoMask` and small backbones."""
 from .dprotonet import DProtoNet
+from .pipnet import PIPNet, PrototypeTopK, dataset_topk, zero_unused_prototypes
 from .protomask import ProtoMask, push_protomask
 from .protopnet import ProtoPNet, SmallCNN, build_backbone, torchvision_backbone
 
-__all__ = ["ProtoPNet", "DProtoNet", "ProtoMask", "push_protomask", "SmallCNN", "build_backbone",
-           "torchvision_backbone"]
+__all__ = ["ProtoPNet", "PIPNet", "PrototypeTopK", "dataset_topk", "zero_unused_prototypes", "DProtoNet",
+           "ProtoMask", "push_protomask", "SmallCNN", "build_backbone", "torchvision_backbone"]

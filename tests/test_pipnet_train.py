@@ -1,0 +1,187 @@
+"""protofast.pipnet_train: two-view augmentation, the pretrain/finetune/train schedule with the shrink, evaluation
+with abstention, checkpoints, the top-k figure and a smoke test of ``protofast train pipnet`` (all tiny)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from protofast.cli import main
+from protofast.data import SyntheticParts
+from protofast.models import PIPNet, SmallCNN, dataset_topk
+from protofast.pipnet_train import (TwoViewAugment, _shift, evaluate_pipnet, load_pipnet_checkpoint, noise_images,
+                                    save_pipnet_checkpoint, save_topk_figure, train_pipnet, warmup_backbone)
+
+
+def _tiny(seed=0, D=8):
+    torch.manual_seed(seed)
+    return PIPNet(SmallCNN(channels=(8,)), 4, num_prototypes=D)
+
+
+def _data(n=48):
+    return SyntheticParts(n, num_classes=4, image_size=16, part_size=4, seed=0, split="train")
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+def test_shift_translates_each_image_and_replicates_the_border():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
+    out = _shift(x, torch.tensor([1, -2]), torch.tensor([0, 1]), pad=2)
+    assert torch.equal(out[0, 0, 1:], x[0, 0, :-1]) and torch.equal(out[0, 0, 0], x[0, 0, 0])
+    assert torch.equal(out[1, 0, :3, 1:], x[1, 0, 2:, :-1])
+    assert torch.equal(out[1, 0, 3:, 1:], x[1, 0, 4:, :-1].expand(2, 4))      # bottom rows replicated
+    assert torch.equal(_shift(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 2), x)
+
+
+def test_two_views_share_the_geometry_and_differ_in_colour():
+    x = _data(6).images
+    plain = TwoViewAugment(shift=3, view_shift=0, brightness=0, contrast=0, gain=0, noise=0,
+                           generator=torch.Generator().manual_seed(0))
+    v = plain(x)
+    assert v.shape == (12, 3, 16, 16) and torch.equal(v[:6], v[6:]) and not torch.equal(v[:6], x)
+    aug = TwoViewAugment(generator=torch.Generator().manual_seed(0))
+    v1 = aug(x)
+    v2 = TwoViewAugment(generator=torch.Generator().manual_seed(0))(x)
+    assert torch.equal(v1, v2) and not torch.equal(v1[:6], v1[6:])
+    assert float(v1.min()) >= 0 and float(v1.max()) <= 1
+    flipped = TwoViewAugment(shift=0, view_shift=0, flip=1.0, brightness=0, contrast=0, gain=0, noise=0)(x)
+    torch.testing.assert_close(flipped[:6], x.flip(3))
+    with pytest.raises(ValueError, match="flip"):
+        TwoViewAugment(flip=2.0)
+    with pytest.raises(ValueError, match="images"):
+        aug(x[0])
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = _tiny()
+    data = _data()
+    w0 = model.classification.weight.detach().clone()
+    lines = []
+    loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    pre = {}
+
+    class Spy(list):
+        def __call__(self, msg):
+            if msg.startswith("pretrain") and "w" not in pre:
+                pre["w"] = model.classification.weight.detach().clone()
+            self.append(msg)
+
+    spy = Spy()
+    result = train_pipnet(model, loader, DataLoader(data, batch_size=48), epochs=2, pretrain_epochs=1,
+                          finetune_epochs=1, progress=False, log=spy)
+    torch.set_num_threads(threads)
+    return model, result, spy, w0, pre["w"], data
+
+
+def test_schedule_shrink_and_history(trained):
+    model, result, lines, w0, w_after_pretrain, _ = trained
+    assert [r["phase"] for r in result.history] == ["pretrain", "finetune", "train"]
+    assert torch.equal(w_after_pretrain, w0)                           # the classifier is not stepped in pretraining
+    w = model.classification.weight.detach()
+    assert float(w.min()) >= 0 and not torch.equal(w, w0)
+    assert float(model.classification.normalization_multiplier) == 2.0
+    for row in result.history:
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("train_loss", "align", "tanh"))
+    assert result.history[0]["tanh"] > 0 and "test_accuracy" in result.history[-1]
+    assert len(lines) == 3 and lines[1].startswith("finetune")
+    assert set(result.test) >= {"accuracy", "abstained", "local_size_all", "local_size_predicted", "global_size",
+                                "sparsity"}
+    assert all(p.requires_grad for p in model.parameters() if p is not model.classification.normalization_multiplier)
+
+
+def test_finetune_steps_only_the_classifier():
+    torch.manual_seed(1)
+    model = _tiny(1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader = DataLoader(_data(32), batch_size=16)
+    train_pipnet(model, loader, None, epochs=1, pretrain_epochs=0, finetune_epochs=1, progress=False, log=None)
+    # without pretraining there is no finetune phase (the original): everything moves
+    assert not torch.equal(model.backbone.stages[0][0].weight, before["backbone.stages.0.0.weight"])
+    model2 = _tiny(2)
+    before = {n: p.detach().clone() for n, p in model2.named_parameters()}
+    res = train_pipnet(model2, loader, None, epochs=1, pretrain_epochs=1, finetune_epochs=1, progress=False, log=None)
+    assert [r["phase"] for r in res.history] == ["pretrain", "finetune"]
+    w = model2.classification.weight.detach()
+    assert not torch.equal(w, before["classification.weight"])
+
+
+def test_backbone_warmup_trains_the_backbone_only():
+    torch.manual_seed(0)
+    backbone = SmallCNN(channels=(8,))
+    before = [p.detach().clone() for p in backbone.parameters()]
+    lines = []
+    accs = warmup_backbone(backbone, DataLoader(_data(32), batch_size=16), 4, epochs=2, log=lines.append)
+    assert len(accs) == 2 and all(0 <= a <= 1 for a in accs) and len(lines) == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))
+
+
+def test_train_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        train_pipnet(torch.nn.Linear(2, 2), [], epochs=1)
+    with pytest.raises(ValueError, match="pretrain_epochs"):
+        train_pipnet(_tiny(), [], epochs=1, pretrain_epochs=-1)
+
+
+def test_evaluate_counts_abstentions_on_noise():
+    model = _tiny(3)
+    noise = noise_images(8, 16, seed=0)
+    assert noise.shape == (8, 3, 16, 16) and torch.equal(noise, noise_images(8, 16, seed=0))
+    background = noise_images(8, 16, seed=0, kind="background")
+    assert float(background.min()) >= 0 and float(background.max()) <= 1
+    assert float(background.mean(dim=(2, 3)).std(0).max()) < 0.2 < float(noise.std())   # flat colour + small noise
+    with pytest.raises(ValueError, match="kind"):
+        noise_images(2, kind="gaussian")
+    res = evaluate_pipnet(model, DataLoader(noise, batch_size=4))
+    assert res["abstained"] == 0.0 and res["n"] == 8
+    with torch.no_grad():
+        model.classification.weight.zero_()
+    res = evaluate_pipnet(model, DataLoader(noise, batch_size=4))
+    assert res["abstained"] == 1.0 and res["global_size"] == 0 and res["sparsity"] == 1.0
+    assert res["local_size_predicted"] == 0.0 and res["local_size_all"] == 0.0
+    w = torch.full_like(model.classification.weight, 0.0025)
+    with torch.no_grad():
+        model.classification.weight.copy_(w)
+    evaluate_pipnet(model, DataLoader(noise, batch_size=4), shrink_in_eval=True)       # the original's quirk
+    torch.testing.assert_close(model.classification.weight.detach(), torch.full_like(w, 0.0005))
+
+
+def test_checkpoint_round_trip_and_figure(trained, tmp_path):
+    model, _, _, _, _, data = trained
+    save_pipnet_checkpoint(model, str(tmp_path / "ck"), extra={"note": 1})
+    loaded = load_pipnet_checkpoint(str(tmp_path / "ck"))
+    x = data.images[:5]
+    model.eval()
+    for a, b in zip(model(x, inference=True), loaded(x, inference=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert json.load(open(tmp_path / "ck" / "config.json"))["note"] == 1
+    topk = dataset_topk(model, DataLoader(data, batch_size=20), k=4)
+    path = save_topk_figure(topk, data.images, str(tmp_path / "topk.png"), prototypes=[0, 1, 2])
+    assert os.path.getsize(path) > 1000
+
+
+def test_cli_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "pipnet", "--epochs", "1", "--pretrain-epochs", "1", "--train-size", "64",
+                   "--test-size", "32", "--batch-size", "32", "--num-prototypes", "8", "--threads", "1",
+                   "--backbone-warmup-epochs", "1", "--weight-shrink", "0.01",
+                   "--no-progress", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert rc == 0
+    for key in ("test accuracy", "pure-noise part-free", "uniform-noise", "global size", "of D = 8", "local size",
+                "sparsity", "backbone warm-up  1/1", "taken as in-distribution"):
+        assert key in text, text
+    assert (out / "model.pt").is_file() and (out / "prototypes_topk.png").is_file()
+    config = json.load(open(out / "config.json"))
+    assert config["model"]["num_prototypes"] == 8 and config["model"]["weight_shrink"] == 0.01
+    assert set(config["noise"]) == {"background", "uniform"}
+    assert 0 <= config["noise"]["uniform"]["fpr_at_95_tpr"] <= 1
