@@ -254,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.set_defaults(func=cmd_bench)
 
     p_train = sub.add_parser(
-        "train", help="train a ProtoPNet on the synthetic set (about a minute)",
-        description="Train a ProtoPNet (small CNN backbone) with the original warm/joint/push/last-layer schedule, "
-                    "print per-epoch accuracy and the backbone/head time split, and write a checkpoint "
-                    "(model.pt + config.json) and a prototype figure (prototypes.png) into --out. "
-                    "Runs under torchrun (DDP, gloo on CPU).")
+        "train", help="train a ProtoPNet, PIP-Net, DProtoNet or ProtoMask on the synthetic set (minutes)",
+        description="Train a reference model (small CNN backbone) on the synthetic set with its original schedule "
+                    "(protopnet: warm/joint/push/last-layer; pipnet: backbone warm-up, [pretrain], train with the "
+                    "weight shrink; dprotonet: warm/joint with multi-image prototype updates; protomask: joint, "
+                    "push, fine-tune), print per-epoch accuracy and the model's own metrics, and write a checkpoint "
+                    "into --out. protopnet also writes prototypes.png and runs under torchrun (DDP, gloo on CPU).")
     p_train.add_argument("model", choices=("protopnet", "pipnet", "dprotonet", "protomask"),
                          help="the architecture")
     p_train.add_argument("--dataset", choices=("synthetic", "digits"), default="synthetic",
