@@ -13,6 +13,7 @@ from .ops import (
     prototype_distance_maps,
     prototype_min_distances,
 )
+from .ops.nmf import BatchedNMFResult, batched_nmf, nmf, nmf_encode
 
 from . import compat, data, metrics, models, train
 from .push import PushResult, push_prototypes
@@ -27,6 +28,11 @@ __all__ = [
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    # ProtoNMF: batched NMF by multiplicative updates
+    "batched_nmf",
+    "nmf",
+    "nmf_encode",
+    "BatchedNMFResult",
     # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
     "push_prototypes",
     "PushResult",

@@ -1,6 +1,7 @@
 """The public operators, one module per op family (schema, fake kernel, autograd, per-device implementation)."""
 from .distances import log_similarity, prototype_distance_maps, prototype_min_distances
 from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
+from .nmf import BatchedNMFResult, batched_nmf, nmf_encode  # protofast.ops.nmf stays the module; nmf() is protofast.nmf
 
 __all__ = [
     "prototype_min_distances",
@@ -9,4 +10,7 @@ __all__ = [
     "cluster_separation_costs",
     "masked_l1",
     "mean_distance_loss",
+    "batched_nmf",
+    "nmf_encode",
+    "BatchedNMFResult",
 ]
