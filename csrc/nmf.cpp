@@ -12,12 +12,12 @@
 //     With gram: ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ of the new factors, in double (a_sq = ‖A‖² per class).
 //     update_basis = false: B is fixed (nmf_encode), only E is updated.
 //   nmf_residual(A, lengths, E, B, active) -> [K] float64: ‖A_k − E_k B_k‖²_F of the active classes (0 for the
-//     others), the residual streamed row by row and accumulated in double.
+//     others), the residual streamed row by row (per row in 16 partial sums of the input dtype, then in double).
 //   nmf_sq_norms(A, lengths) -> [K] float64: ‖A_k‖²_F.
 //
-// Work is split into (class, row tile) tasks run with at::parallel_for; the tiling depends only on the shapes
-// (never on the thread count) and partial sums are reduced in a fixed order, so results are bitwise
-// reproducible for any number of threads. Rows ≥ lengths[k] (padding) are never read. The caller
+// Work is split into (class, row tile) tasks run with at::parallel_for; the tiles have a fixed number of rows
+// and partial sums are reduced in a fixed order, so a class's results are bitwise the same for any number of
+// threads and whichever other classes are in the batch (the caller may run classes in cache-sized blocks). Rows ≥ lengths[k] (padding) are never read. The caller
 // (protofast/ops/nmf.py) validates shapes, dtypes and values.
 
 #include <ATen/Dispatch.h>
@@ -36,21 +36,18 @@ namespace protofast {
 namespace {
 
 constexpr int64_t kLanes = 16;          // independent accumulators of a dot product (vectorised, no reassociation)
-constexpr int64_t kMinTileRows = 256;   // rows per task at least
-constexpr int64_t kTargetTasks = 64;    // enough tasks to keep every thread busy for a single class
+constexpr int64_t kTileRows = 256;      // rows per task: fixed, so results never depend on K or the threads
 
 struct Task {
   int64_t k, r0, r1;
 };
 
-// (class, row range) tasks over the active classes: rows per tile = max(256, ceil(total rows / 64)), a function
-// of the shapes only. first[k] = index of class k's first task, count[k] = its number of tasks.
+// (class, row range) tasks over the active classes: tiles of kTileRows rows, so the reduction order of a class
+// depends on its own length only (not on K, the other classes or the thread count).
+// first[k] = index of class k's first task, count[k] = its number of tasks.
 std::vector<Task> make_tasks(const int64_t* lengths, const bool* active, int64_t K, std::vector<int64_t>& first,
                              std::vector<int64_t>& count) {
-  int64_t total = 0;
-  for (int64_t k = 0; k < K; ++k)
-    if (active[k]) total += lengths[k];
-  const int64_t tile = std::max(kMinTileRows, (total + kTargetTasks - 1) / kTargetTasks);
+  const int64_t tile = kTileRows;
   std::vector<Task> tasks;
   first.assign(K, 0);
   count.assign(K, 0);
@@ -85,6 +82,53 @@ inline T guard(T v, T eps) {
   return v == T(0) ? eps : v;
 }
 
+constexpr int64_t kRows = 4;  // rows updated together: each B row and each Eᵀ A row is loaded once per 4 rows
+constexpr int64_t kMaxRank = 64;
+
+// E update of R consecutive rows a[R][D] (E rows e[R][p], in place) and, when EA != nullptr, their contribution
+// to Eᵀ A (p×D) and Eᵀ E (p×p). Every row's arithmetic is the same sequence as for R = 1 (bitwise equal results).
+template <typename T, int64_t R>
+inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __restrict__ Bk,
+                        const T* __restrict__ BBk, int64_t p, int64_t D, T eps, T* __restrict__ EA,
+                        T* __restrict__ EE) {
+  T ab[R][kMaxRank];
+  T en[R][kMaxRank];
+  for (int64_t j = 0; j < p; ++j) {  // A_i Bᵀ: R dot products per B row, kLanes accumulators each
+    const T* b = Bk + j * D;
+    T acc[R][kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += a[r * D + d + l] * b[d + l];
+    for (int64_t r = 0; r < R; ++r) {
+      T s = 0;
+      for (int64_t x = d; x < D; ++x) s += a[r * D + x] * b[x];
+      for (int64_t l = 0; l < kLanes; ++l) s += acc[r][l];
+      ab[r][j] = s;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    T* Ei = e + r * p;
+    for (int64_t j = 0; j < p; ++j) {
+      T den = 0;
+      for (int64_t l = 0; l < p; ++l) den += Ei[l] * BBk[l * p + j];
+      en[r][j] = Ei[j] * ab[r][j] / guard(den, eps);
+    }
+    for (int64_t j = 0; j < p; ++j) Ei[j] = en[r][j];
+  }
+  if (EA == nullptr) return;
+  for (int64_t j = 0; j < p; ++j) {
+    T* row = EA + j * D;
+    for (int64_t d = 0; d < D; ++d) {
+      T v = row[d];
+      for (int64_t r = 0; r < R; ++r) v += en[r][j] * a[r * D + d];
+      row[d] = v;
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t l = 0; l < p; ++l) EE[j * p + l] += en[r][j] * en[r][l];
+  }
+}
+
 template <typename T>
 at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t,
                      const bool* active, double eps_d, bool update_basis, bool gram, const at::Tensor& a_sq_t) {
@@ -114,7 +158,6 @@ at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& 
   const int64_t part = p * D + p * p;
   std::vector<T> partial(accumulate ? static_cast<size_t>(n_tasks * part) : 0);
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> ab(p), e(p);
     for (int64_t t = t0; t < t1; ++t) {
       const Task task = tasks[t];
       const T* Bk = B + task.k * p * D;
@@ -122,24 +165,11 @@ at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& 
       T* EA = accumulate ? partial.data() + t * part : nullptr;
       T* EE = accumulate ? EA + p * D : nullptr;
       if (accumulate) std::fill(EA, EA + part, T(0));
-      for (int64_t i = task.r0; i < task.r1; ++i) {
-        const T* a = A + (task.k * n_max + i) * D;
-        T* Ei = E + (task.k * n_max + i) * p;
-        for (int64_t j = 0; j < p; ++j) ab[j] = dot(a, Bk + j * D, D);
-        for (int64_t j = 0; j < p; ++j) {
-          T den = 0;
-          for (int64_t l = 0; l < p; ++l) den += Ei[l] * BBk[l * p + j];
-          e[j] = Ei[j] * ab[j] / guard(den, eps);
-        }
-        for (int64_t j = 0; j < p; ++j) Ei[j] = e[j];
-        if (!accumulate) continue;
-        for (int64_t j = 0; j < p; ++j) {
-          const T ej = e[j];
-          T* row = EA + j * D;
-          for (int64_t d = 0; d < D; ++d) row[d] += ej * a[d];
-          for (int64_t l = 0; l < p; ++l) EE[j * p + l] += ej * e[l];
-        }
-      }
+      int64_t i = task.r0;
+      for (; i + kRows <= task.r1; i += kRows)
+        update_rows<T, kRows>(A + (task.k * n_max + i) * D, E + (task.k * n_max + i) * p, Bk, BBk, p, D, eps, EA, EE);
+      for (; i < task.r1; ++i)
+        update_rows<T, 1>(A + (task.k * n_max + i) * D, E + (task.k * n_max + i) * p, Bk, BBk, p, D, eps, EA, EE);
     }
   });
 
@@ -208,7 +238,8 @@ void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tens
       for (int64_t i = task.r0; i < task.r1; ++i) {
         const T* a = A + (task.k * n_max + i) * D;
         const T* Ei = E + (task.k * n_max + i) * p;
-        double acc[kLanes] = {};
+        // the row's squared residual in kLanes partial sums of T (D/16 terms each), then added in double
+        T acc[kLanes] = {};
         int64_t d = 0;
         for (; d + kLanes <= D; d += kLanes) {
           T r[kLanes];
@@ -218,7 +249,7 @@ void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tens
             const T* b = Bk + j * D + d;
             for (int64_t l = 0; l < kLanes; ++l) r[l] -= ej * b[l];
           }
-          for (int64_t l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(r[l]) * static_cast<double>(r[l]);
+          for (int64_t l = 0; l < kLanes; ++l) acc[l] += r[l] * r[l];
         }
         double s = 0;
         for (; d < D; ++d) {
@@ -226,7 +257,7 @@ void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tens
           for (int64_t j = 0; j < p; ++j) r -= Ei[j] * Bk[j * D + d];
           s += static_cast<double>(r) * static_cast<double>(r);
         }
-        for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+        for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(acc[l]);
         total += s;
       }
       partial[t] = total;
@@ -261,6 +292,7 @@ void check_common(const at::Tensor& A, const at::Tensor& lengths, const at::Tens
 at::Tensor nmf_step(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E, at::Tensor B,
                     const at::Tensor& active, double eps, bool update_basis, bool gram, const at::Tensor& a_sq) {
   check_common(A, lengths, E, B, active);
+  TORCH_CHECK(B.size(1) <= kMaxRank, "nmf_step: rank must be <= ", kMaxRank, " for the C++ kernel");
   if (gram)
     TORCH_CHECK(a_sq.dim() == 1 && a_sq.size(0) == A.size(0) && a_sq.scalar_type() == at::kDouble &&
                     a_sq.is_contiguous(), "nmf_step: a_sq must be a contiguous float64 [K] tensor");

@@ -289,3 +289,21 @@ def test_cpp_matches_torch_float32(cpp_nmf, monkeypatch):
     torch.testing.assert_close(cpp.E, ref.E, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cpp.B, ref.B, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cpp.err, ref.err, rtol=1e-5, atol=1e-6)
+
+
+def test_class_blocks_do_not_change_results(nmf_backend, monkeypatch):
+    """Classes run in cache-sized blocks (PROTOFAST_NMF_BLOCK_BYTES); one class per block gives the same result
+    (bitwise with the C++ kernel, whose tiles are fixed per class)."""
+    classes = ragged_classes()
+    whole = protofast.batched_nmf(classes, 3, tol=1e-3)
+    monkeypatch.setenv("PROTOFAST_NMF_BLOCK_BYTES", "1")
+    blocked = protofast.batched_nmf(classes, 3, tol=1e-3)
+    assert torch.equal(whole.n_iter, blocked.n_iter)
+    if nmf_backend == "cpp":
+        assert torch.equal(whole.E, blocked.E) and torch.equal(whole.B, blocked.B)
+    torch.testing.assert_close(blocked.E, whole.E, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(blocked.B, whole.B, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(blocked.err, whole.err, rtol=1e-12, atol=1e-14)
+    monkeypatch.setenv("PROTOFAST_NMF_BLOCK_BYTES", "lots")
+    with pytest.raises(ValueError, match="PROTOFAST_NMF_BLOCK_BYTES"):
+        protofast.batched_nmf(classes, 3)

@@ -33,6 +33,7 @@ from ..reference.nmf import INITS, STOP_ERRORS, NMFResult, init_factors
 ERROR_MODES = ("stream", "gram")
 _DTYPES = (torch.float32, torch.float64)
 _CHUNK_ELEMENTS = 1 << 22  # entries of the residual tile of the torch fallback
+_CPP_MAX_RANK = 64         # kMaxRank of csrc/nmf.cpp; larger ranks run the torch code
 
 
 class BatchedNMFResult(NamedTuple):
@@ -301,12 +302,42 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
     if bool(pad.any()):
         E.masked_fill_(pad.to(A.device)[:, :, None], 0)
 
-    use_cpp = backend_for(A.device) == "cpp" and _cpp_has_nmf()
-    lengths_dev = lengths.to(A.device)
-    gram = error_mode == "gram"
-    a_sq = (A.double() ** 2).sum((1, 2)) if gram and not use_cpp else None
-    if gram and use_cpp:
-        a_sq = torch.ops.protofast_cpu.nmf_sq_norms(A, lengths_dev)
+    use_cpp = backend_for(A.device) == "cpp" and _cpp_has_nmf() and rank <= _CPP_MAX_RANK
+    n_iter = torch.zeros(K, dtype=torch.long)
+    err = torch.zeros(K, dtype=torch.float64)
+    # Classes are independent, so they run in blocks whose features fit in cache, each block for all its
+    # updates (on the CPU; the results do not depend on the blocking, see csrc/nmf.cpp).
+    per_class = max(1, n_max * D * A.element_size())
+    block = K if A.device.type != "cpu" else max(1, min(K, class_block_bytes() // per_class))
+    for k0 in range(0, K, block):
+        k1 = min(K, k0 + block)
+        n_iter[k0:k1], err[k0:k1] = _run_classes(A[k0:k1], lengths[k0:k1], E[k0:k1], B[k0:k1], max_iter, tol,
+                                                 check_every, eps, update_basis, stop_error, error_mode == "gram",
+                                                 use_cpp)
+    return BatchedNMFResult(E, B, n_iter, err, lengths)
+
+
+def class_block_bytes() -> int:
+    """Bytes of features per block of classes run together on the CPU (``$PROTOFAST_NMF_BLOCK_BYTES``, default
+    16 MB: about half of this machine's L3)."""
+    import os
+
+    try:
+        return int(float(os.environ.get("PROTOFAST_NMF_BLOCK_BYTES", 16e6)))
+    except ValueError as exc:
+        raise ValueError(f"PROTOFAST_NMF_BLOCK_BYTES must be a number of bytes, got "
+                         f"{os.environ['PROTOFAST_NMF_BLOCK_BYTES']!r}") from exc
+
+
+def _run_classes(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, max_iter: int, tol: float, check_every: int,
+                 eps: float, update_basis: bool, stop_error: str, gram: bool, use_cpp: bool):
+    """The update loop of a block of classes (E, B updated in place): per-class done mask, DFF stopping rule.
+    Returns (n_iter [K] int64, err [K] float64)."""
+    K = A.shape[0]
+    lengths_dev = lengths.to(A.device).contiguous()
+    a_sq = None
+    if gram:
+        a_sq = torch.ops.protofast_cpu.nmf_sq_norms(A, lengths_dev) if use_cpp else (A.double() ** 2).sum((1, 2))
 
     def residual_sq(active: Tensor) -> Tensor:
         if use_cpp:
@@ -322,11 +353,13 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
     active = all_active.clone()
     n_iter = torch.zeros(K, dtype=torch.long)
     checking = tol > 0
+    no_a_sq = A.new_empty(0, dtype=torch.float64)
+    gram_sq = None
     for t in range(max_iter):
         check = checking and t % check_every == 0
         if use_cpp:
             gram_sq = torch.ops.protofast_cpu.nmf_step(A, lengths_dev, E, B, active, eps, update_basis,
-                                                       gram and check, a_sq if gram else A.new_empty(0))
+                                                       gram and check, a_sq if gram else no_a_sq)
         elif bool(active.all()):
             gram_sq = _step_torch(A, E, B, eps, update_basis, gram and check, a_sq)
         else:  # frozen classes: update the active ones only
@@ -346,8 +379,7 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
             active = active & ~stop
             if not bool(active.any()):
                 break
-    err = to_err(residual_sq(all_active)).cpu()
-    return BatchedNMFResult(E, B, n_iter, err, lengths)
+    return n_iter, to_err(residual_sq(all_active)).cpu()
 
 
 def nmf(A: Tensor, rank: int, max_iter: int = 200, tol: float = 1e-4, check_every: int = 10, eps: float = 1e-7,
