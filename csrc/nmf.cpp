@@ -11,6 +11,9 @@
 //     tiles' partials are summed in tile order and B is updated once. Nothing n×D besides A is written or read.
 //     With gram: ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ of the new factors, in double (a_sq = ‖A‖² per class).
 //     update_basis = false: B is fixed (nmf_encode), only E is updated.
+//   nmf_run(A, lengths, E!, B!, max_iter, tol, check_every, eps, update_basis, squared, gram) -> (n_iter, err)
+//     The whole factorisation: each class runs its update loop with DFF's stopping rule on one thread (classes
+//     in parallel), bitwise the same as calling nmf_step / nmf_residual update by update.
 //   nmf_residual(A, lengths, E, B, active) -> [K] float64: ‖A_k − E_k B_k‖²_F of the active classes (0 for the
 //     others), the residual streamed row by row (per row in 16 partial sums of the input dtype, then in double).
 //   nmf_sq_norms(A, lengths) -> [K] float64: ‖A_k‖²_F.
@@ -29,6 +32,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <cstdint>
 #include <vector>
 
@@ -129,6 +134,98 @@ inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __r
   }
 }
 
+// ---------------------------------------------------------------------------------- per-class building blocks
+// B Bᵀ (p×p) of one class.
+template <typename T>
+void basis_gram(const T* Bk, int64_t p, int64_t D, T* BB) {
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = 0; j < p; ++j) BB[i * p + j] = dot(Bk + i * D, Bk + j * D, D);
+}
+
+// The streaming pass over rows r0..r1 of one class: E rows updated in place; with part != nullptr the tile's
+// Eᵀ A (p×D) followed by Eᵀ E (p×p) are written there.
+template <typename T>
+void tile_update(const T* Ak, T* Ek, const T* Bk, const T* BB, int64_t r0, int64_t r1, int64_t p, int64_t D, T eps,
+                 T* part) {
+  T* EA = part;
+  T* EE = part ? part + p * D : nullptr;
+  if (part) std::fill(part, part + p * D + p * p, T(0));
+  int64_t i = r0;
+  for (; i + kRows <= r1; i += kRows) update_rows<T, kRows>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, EA, EE);
+  for (; i < r1; ++i) update_rows<T, 1>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, EA, EE);
+}
+
+// Sum a class's `count` tile partials (contiguous, in tile order), update B (unless fixed) and return the
+// Gram-form squared error ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ in double (when gram; else 0).
+template <typename T>
+double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t D, T eps, bool update_basis,
+                    bool gram, double a_sq, T* sum, T* den) {
+  const int64_t part = p * D + p * p;
+  std::copy(partials, partials + part, sum);
+  for (int64_t t = 1; t < count; ++t) {
+    const T* src = partials + t * part;
+    for (int64_t x = 0; x < part; ++x) sum[x] += src[x];
+  }
+  const T* EA = sum;
+  const T* EE = sum + p * D;
+  if (update_basis) {  // den = (Eᵀ E) B, then B ← B ⊙ (Eᵀ A) / den
+    std::fill(den, den + p * D, T(0));
+    for (int64_t j = 0; j < p; ++j)
+      for (int64_t l = 0; l < p; ++l) {
+        const T c = EE[j * p + l];
+        const T* src = Bk + l * D;
+        T* dst = den + j * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += c * src[d];
+      }
+    for (int64_t x = 0; x < p * D; ++x) Bk[x] = Bk[x] * EA[x] / guard(den[x], eps);
+  }
+  if (!gram) return 0.0;
+  double cross = 0, quad = 0;
+  for (int64_t x = 0; x < p * D; ++x) cross += static_cast<double>(EA[x]) * static_cast<double>(Bk[x]);
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = 0; j < p; ++j) {
+      double b = 0;
+      for (int64_t d = 0; d < D; ++d) b += static_cast<double>(Bk[i * D + d]) * static_cast<double>(Bk[j * D + d]);
+      quad += static_cast<double>(EE[i * p + j]) * b;
+    }
+  return std::max(0.0, a_sq - 2 * cross + quad);
+}
+
+// ‖A − E B‖² over rows r0..r1 of one class: each row's squared residual in kLanes partial sums of T (D/16 terms
+// each), then added in double.
+template <typename T>
+double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t r1, int64_t p, int64_t D) {
+  double total = 0;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* a = Ak + i * D;
+    const T* Ei = Ek + i * p;
+    T acc[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      T r[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) r[l] = a[d + l];
+      for (int64_t j = 0; j < p; ++j) {
+        const T ej = Ei[j];
+        const T* b = Bk + j * D + d;
+        for (int64_t l = 0; l < kLanes; ++l) r[l] -= ej * b[l];
+      }
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += r[l] * r[l];
+    }
+    double s = 0;
+    for (; d < D; ++d) {
+      T r = a[d];
+      for (int64_t j = 0; j < p; ++j) r -= Ei[j] * Bk[j * D + d];
+      s += static_cast<double>(r) * static_cast<double>(r);
+    }
+    for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(acc[l]);
+    total += s;
+  }
+  return total;
+}
+
+inline int64_t n_tiles(int64_t n) { return n == 0 ? 1 : (n + kTileRows - 1) / kTileRows; }
+
+// ---------------------------------------------------------------------------------- nmf_step: one update
 template <typename T>
 at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t,
                      const bool* active, double eps_d, bool update_basis, bool gram, const at::Tensor& a_sq_t) {
@@ -143,77 +240,33 @@ at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& 
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const bool accumulate = update_basis || gram;
 
-  // B Bᵀ per active class (p×p)
   std::vector<T> BB(static_cast<size_t>(K * p * p));
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      if (!active[k]) continue;
-      const T* Bk = B + k * p * D;
-      for (int64_t i = 0; i < p; ++i)
-        for (int64_t j = 0; j < p; ++j) BB[(k * p + i) * p + j] = dot(Bk + i * D, Bk + j * D, D);
-    }
+    for (int64_t k = k0; k < k1; ++k)
+      if (active[k]) basis_gram(B + k * p * D, p, D, BB.data() + k * p * p);
   });
 
-  // the streaming pass: E update of each row and the tile's partial Eᵀ A, Eᵀ E
   const int64_t part = p * D + p * p;
   std::vector<T> partial(accumulate ? static_cast<size_t>(n_tasks * part) : 0);
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Task task = tasks[t];
-      const T* Bk = B + task.k * p * D;
-      const T* BBk = BB.data() + task.k * p * p;
-      T* EA = accumulate ? partial.data() + t * part : nullptr;
-      T* EE = accumulate ? EA + p * D : nullptr;
-      if (accumulate) std::fill(EA, EA + part, T(0));
-      int64_t i = task.r0;
-      for (; i + kRows <= task.r1; i += kRows)
-        update_rows<T, kRows>(A + (task.k * n_max + i) * D, E + (task.k * n_max + i) * p, Bk, BBk, p, D, eps, EA, EE);
-      for (; i < task.r1; ++i)
-        update_rows<T, 1>(A + (task.k * n_max + i) * D, E + (task.k * n_max + i) * p, Bk, BBk, p, D, eps, EA, EE);
+      tile_update(A + task.k * n_max * D, E + task.k * n_max * p, B + task.k * p * D, BB.data() + task.k * p * p,
+                  task.r0, task.r1, p, D, eps, accumulate ? partial.data() + t * part : nullptr);
     }
   });
 
-  at::Tensor gram_sq = gram ? at::zeros({K}, A_t.options().dtype(at::kDouble)) : at::empty({0}, A_t.options().dtype(at::kDouble));
+  at::Tensor gram_sq = at::zeros({gram ? K : 0}, A_t.options().dtype(at::kDouble));
   if (!accumulate) return gram_sq;
   double* gsq = gram ? gram_sq.data_ptr<double>() : nullptr;
   const double* a_sq = gram ? a_sq_t.data_ptr<double>() : nullptr;
-
-  // per class: sum the tiles' partials in tile order, update B, and the Gram-form error
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<T> sum(part), den(p * D), bb(p * p);
+    std::vector<T> sum(part), den(p * D);
     for (int64_t k = k0; k < k1; ++k) {
       if (!active[k]) continue;
-      std::copy(partial.begin() + first[k] * part, partial.begin() + (first[k] + 1) * part, sum.begin());
-      for (int64_t t = first[k] + 1; t < first[k] + count[k]; ++t) {
-        const T* src = partial.data() + t * part;
-        for (int64_t x = 0; x < part; ++x) sum[x] += src[x];
-      }
-      const T* EA = sum.data();
-      const T* EE = sum.data() + p * D;
-      T* Bk = B + k * p * D;
-      if (update_basis) {
-        // den = (Eᵀ E) B, then B ← B ⊙ (Eᵀ A) / den
-        std::fill(den.begin(), den.end(), T(0));
-        for (int64_t j = 0; j < p; ++j)
-          for (int64_t l = 0; l < p; ++l) {
-            const T c = EE[j * p + l];
-            const T* src = Bk + l * D;
-            T* dst = den.data() + j * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] += c * src[d];
-          }
-        for (int64_t x = 0; x < p * D; ++x) Bk[x] = Bk[x] * EA[x] / guard(den[x], eps);
-      }
-      if (gram) {
-        double cross = 0, quad = 0;
-        for (int64_t x = 0; x < p * D; ++x) cross += static_cast<double>(EA[x]) * static_cast<double>(Bk[x]);
-        for (int64_t i = 0; i < p; ++i)
-          for (int64_t j = 0; j < p; ++j) {
-            double b = 0;
-            for (int64_t d = 0; d < D; ++d) b += static_cast<double>(Bk[i * D + d]) * static_cast<double>(Bk[j * D + d]);
-            quad += static_cast<double>(EE[i * p + j]) * b;
-          }
-        gsq[k] = std::max(0.0, a_sq[k] - 2 * cross + quad);
-      }
+      const double g = class_finish(partial.data() + first[k] * part, count[k], B + k * p * D, p, D, eps,
+                                    update_basis, gram, gram ? a_sq[k] : 0.0, sum.data(), den.data());
+      if (gram) gsq[k] = g;
     }
   });
   return gram_sq;
@@ -233,34 +286,8 @@ void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tens
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Task task = tasks[t];
-      const T* Bk = B + task.k * p * D;
-      double total = 0;
-      for (int64_t i = task.r0; i < task.r1; ++i) {
-        const T* a = A + (task.k * n_max + i) * D;
-        const T* Ei = E + (task.k * n_max + i) * p;
-        // the row's squared residual in kLanes partial sums of T (D/16 terms each), then added in double
-        T acc[kLanes] = {};
-        int64_t d = 0;
-        for (; d + kLanes <= D; d += kLanes) {
-          T r[kLanes];
-          for (int64_t l = 0; l < kLanes; ++l) r[l] = a[d + l];
-          for (int64_t j = 0; j < p; ++j) {
-            const T ej = Ei[j];
-            const T* b = Bk + j * D + d;
-            for (int64_t l = 0; l < kLanes; ++l) r[l] -= ej * b[l];
-          }
-          for (int64_t l = 0; l < kLanes; ++l) acc[l] += r[l] * r[l];
-        }
-        double s = 0;
-        for (; d < D; ++d) {
-          T r = a[d];
-          for (int64_t j = 0; j < p; ++j) r -= Ei[j] * Bk[j * D + d];
-          s += static_cast<double>(r) * static_cast<double>(r);
-        }
-        for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(acc[l]);
-        total += s;
-      }
-      partial[t] = total;
+      partial[t] = tile_residual(A + task.k * n_max * D, E + task.k * n_max * p, B + task.k * p * D, task.r0,
+                                 task.r1, p, D);
     }
   });
   for (int64_t k = 0; k < K; ++k) {
@@ -268,6 +295,68 @@ void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tens
     for (int64_t t = first[k]; t < first[k] + count[k]; ++t) s += partial[t];
     out[k] = active[k] ? s : 0.0;
   }
+}
+
+// ---------------------------------------------------------------------------------- nmf_run: whole loop per class
+// Every class runs its whole update loop (DFF's stopping rule included) on one thread, classes in parallel:
+// one parallel region for the whole factorisation (no per-update synchronisation) and each class's A stays in
+// that core's cache across updates. The arithmetic is exactly nmf_step's + nmf_residual's (same tiles, same
+// reduction order, the same double comparisons), so results are bitwise those of the step-by-step loop.
+template <typename T>
+void run_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t, int64_t max_iter,
+              double tol, int64_t check_every, double eps_d, bool update_basis, bool squared, bool gram,
+              int64_t* n_iter_out, double* err_out) {
+  const int64_t K = A_t.size(0), n_max = A_t.size(1), D = A_t.size(2), p = B_t.size(1);
+  const T eps = static_cast<T>(eps_d);
+  const T* A = A_t.data_ptr<T>();
+  T* E = E_t.data_ptr<T>();
+  T* B = B_t.data_ptr<T>();
+  const int64_t part = p * D + p * p;
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> BB(p * p), sum(part), den(p * D);
+    std::vector<T> partial;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n = lengths[k], tiles = n_tiles(n);
+      const T* Ak = A + k * n_max * D;
+      T* Ek = E + k * n_max * p;
+      T* Bk = B + k * p * D;
+      partial.assign(static_cast<size_t>(tiles * part), T(0));
+      auto residual = [&]() {
+        double s = 0;
+        for (int64_t t = 0; t < tiles; ++t)
+          s += tile_residual(Ak, Ek, Bk, t * kTileRows, std::min(n, (t + 1) * kTileRows), p, D);
+        return s;
+      };
+      auto to_err = [&](double sq) { return squared ? sq : std::sqrt(sq); };
+      double a_sq = 0;
+      if (gram) {
+        for (int64_t x = 0; x < n * D; ++x) a_sq += static_cast<double>(Ak[x]) * Ak[x];
+      }
+      const double err0 = to_err(residual());
+      double prev = err0;
+      int64_t done = 0;
+      for (int64_t t = 0; t < max_iter; ++t) {
+        const bool check = tol > 0 && t % check_every == 0;
+        const bool accumulate = update_basis || (gram && check);
+        basis_gram(Bk, p, D, BB.data());
+        for (int64_t tile = 0; tile < tiles; ++tile)
+          tile_update(Ak, Ek, Bk, BB.data(), tile * kTileRows, std::min(n, (tile + 1) * kTileRows), p, D, eps,
+                      accumulate ? partial.data() + tile * part : nullptr);
+        double g = 0;
+        if (accumulate)
+          g = class_finish(partial.data(), tiles, Bk, p, D, eps, update_basis, gram && check, a_sq, sum.data(),
+                           den.data());
+        done = t + 1;
+        if (check) {
+          const double err = to_err(gram ? g : residual());
+          if (err0 == 0 || (prev - err) / err0 < tol) break;
+          prev = err;
+        }
+      }
+      n_iter_out[k] = done;
+      err_out[k] = to_err(residual());
+    }
+  });
 }
 
 void check_common(const at::Tensor& A, const at::Tensor& lengths, const at::Tensor& E, const at::Tensor& B,
@@ -302,6 +391,23 @@ at::Tensor nmf_step(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E
                               gram, a_sq);
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> nmf_run(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E, at::Tensor B,
+                                           int64_t max_iter, double tol, int64_t check_every, double eps,
+                                           bool update_basis, bool squared, bool gram) {
+  at::Tensor active = at::empty({A.size(0)}, A.options().dtype(at::kBool));
+  std::fill(active.data_ptr<bool>(), active.data_ptr<bool>() + A.size(0), true);
+  check_common(A, lengths, E, B, active);
+  TORCH_CHECK(B.size(1) <= kMaxRank, "nmf_run: rank must be <= ", kMaxRank, " for the C++ kernel");
+  TORCH_CHECK(max_iter >= 0 && check_every >= 1, "nmf_run: max_iter >= 0 and check_every >= 1");
+  at::Tensor n_iter = at::zeros({A.size(0)}, A.options().dtype(at::kLong));
+  at::Tensor err = at::zeros({A.size(0)}, A.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_run", [&] {
+    run_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, max_iter, tol, check_every, eps, update_basis, squared,
+                       gram, n_iter.data_ptr<int64_t>(), err.data_ptr<double>());
+  });
+  return {n_iter, err};
 }
 
 at::Tensor nmf_residual(const at::Tensor& A, const at::Tensor& lengths, const at::Tensor& E, const at::Tensor& B,
@@ -342,12 +448,16 @@ TORCH_LIBRARY_FRAGMENT(protofast_cpu, m) {
   m.def(
       "nmf_step(Tensor A, Tensor lengths, Tensor(a!) E, Tensor(b!) B, Tensor active, float eps, bool update_basis, "
       "bool gram, Tensor a_sq) -> Tensor");
+  m.def(
+      "nmf_run(Tensor A, Tensor lengths, Tensor(a!) E, Tensor(b!) B, int max_iter, float tol, int check_every, "
+      "float eps, bool update_basis, bool squared, bool gram) -> (Tensor, Tensor)");
   m.def("nmf_residual(Tensor A, Tensor lengths, Tensor E, Tensor B, Tensor active) -> Tensor");
   m.def("nmf_sq_norms(Tensor A, Tensor lengths) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(protofast_cpu, CPU, m) {
   m.impl("nmf_step", &protofast::nmf_step);
+  m.impl("nmf_run", &protofast::nmf_run);
   m.impl("nmf_residual", &protofast::nmf_residual);
   m.impl("nmf_sq_norms", &protofast::nmf_sq_norms);
 }

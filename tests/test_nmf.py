@@ -291,19 +291,30 @@ def test_cpp_matches_torch_float32(cpp_nmf, monkeypatch):
     torch.testing.assert_close(cpp.err, ref.err, rtol=1e-5, atol=1e-6)
 
 
-def test_class_blocks_do_not_change_results(nmf_backend, monkeypatch):
-    """Classes run in cache-sized blocks (PROTOFAST_NMF_BLOCK_BYTES); one class per block gives the same result
+def test_class_blocks_and_run_path_do_not_change_results(nmf_backend, monkeypatch):
+    """The update-by-update loop over cache-sized blocks of classes (PROTOFAST_NMF_BLOCK_BYTES; one class per
+    block here), over all classes at once, and the C++ whole-loop-per-class path (nmf_run) give the same result
     (bitwise with the C++ kernel, whose tiles are fixed per class)."""
     classes = ragged_classes()
-    whole = protofast.batched_nmf(classes, 3, tol=1e-3)
-    monkeypatch.setenv("PROTOFAST_NMF_BLOCK_BYTES", "1")
-    blocked = protofast.batched_nmf(classes, 3, tol=1e-3)
-    assert torch.equal(whole.n_iter, blocked.n_iter)
-    if nmf_backend == "cpp":
-        assert torch.equal(whole.E, blocked.E) and torch.equal(whole.B, blocked.B)
-    torch.testing.assert_close(blocked.E, whole.E, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(blocked.B, whole.B, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(blocked.err, whole.err, rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(N, "_RUN_CLASSES_PER_THREAD", 10**9)        # update by update
+    for kw in (dict(tol=1e-3), dict(tol=1e-3, error_mode="gram", stop_error="fro_squared"),
+               dict(max_iter=7, tol=0, fixed_basis=torch.rand(3, 16, dtype=torch.float64))):
+        monkeypatch.delenv("PROTOFAST_NMF_BLOCK_BYTES", raising=False)
+        whole = protofast.batched_nmf(classes, 3, **kw)
+        monkeypatch.setenv("PROTOFAST_NMF_BLOCK_BYTES", "1")
+        runs = [protofast.batched_nmf(classes, 3, **kw)]
+        if nmf_backend == "cpp":
+            monkeypatch.setattr(N, "_RUN_CLASSES_PER_THREAD", 0)     # nmf_run: each class's loop on one thread
+            runs.append(protofast.batched_nmf(classes, 3, **kw))
+            monkeypatch.setattr(N, "_RUN_CLASSES_PER_THREAD", 10**9)
+        for other in runs:
+            assert torch.equal(whole.n_iter, other.n_iter)
+            if nmf_backend == "cpp":
+                assert torch.equal(whole.E, other.E) and torch.equal(whole.B, other.B)
+                assert torch.equal(whole.err, other.err)
+            torch.testing.assert_close(other.E, whole.E, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(other.B, whole.B, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(other.err, whole.err, rtol=1e-12, atol=1e-14)
     monkeypatch.setenv("PROTOFAST_NMF_BLOCK_BYTES", "lots")
     with pytest.raises(ValueError, match="PROTOFAST_NMF_BLOCK_BYTES"):
         protofast.batched_nmf(classes, 3)

@@ -33,6 +33,7 @@ from ..reference.nmf import INITS, STOP_ERRORS, NMFResult, init_factors
 ERROR_MODES = ("stream", "gram")
 _DTYPES = (torch.float32, torch.float64)
 _CHUNK_ELEMENTS = 1 << 22  # entries of the residual tile of the torch fallback
+_RUN_CLASSES_PER_THREAD = 2  # from K >= 2 × threads, the C++ kernel runs classes in parallel, else row tiles
 _CPP_MAX_RANK = 64         # kMaxRank of csrc/nmf.cpp; larger ranks run the torch code
 
 
@@ -303,6 +304,13 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
         E.masked_fill_(pad.to(A.device)[:, :, None], 0)
 
     use_cpp = backend_for(A.device) == "cpp" and _cpp_has_nmf() and rank <= _CPP_MAX_RANK
+    if use_cpp and K >= _RUN_CLASSES_PER_THREAD * torch.get_num_threads():
+        # enough classes for every thread: each class runs its whole loop on one thread (csrc/nmf.cpp nmf_run;
+        # bitwise the same as the update-by-update loop below, without a synchronisation per update)
+        n_iter, err = torch.ops.protofast_cpu.nmf_run(A, lengths.contiguous(), E, B, max_iter, tol, check_every, eps,
+                                                      update_basis, stop_error == "fro_squared",
+                                                      error_mode == "gram")
+        return BatchedNMFResult(E, B, n_iter, err, lengths)
     n_iter = torch.zeros(K, dtype=torch.long)
     err = torch.zeros(K, dtype=torch.float64)
     # Classes are independent, so they run in blocks whose features fit in cache, each block for all its
