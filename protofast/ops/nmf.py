@@ -12,7 +12,8 @@ Eᵀ E or the errors. ``protofast.reference.nmf`` is the per-class oracle; the i
 ``init_factors`` per class, so both start from the same factors.
 
 Backends (``protofast._backend``): CPU tensors run the fused C++ kernel (``csrc/nmf.cpp``: one streaming pass
-over A per update, nothing n×D written) when it is built, else the torch code below (one ``bmm`` per product over
+over A per update, nothing n×D written) when it is built; CUDA float32 tensors the Triton kernels
+(``kernels/nmf.py``, also under ``TRITON_INTERPRET=1`` with PROTOFAST_BACKEND=triton); else the torch code below (one ``bmm`` per product over
 the padded batch). The error is computed from the streamed residual (``error_mode='stream'``, a pass over A at
 each check) or from the Gram form ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ in float64 (``error_mode='gram'``: no
 extra pass, but cancellation near convergence).
@@ -303,7 +304,11 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
     if bool(pad.any()):
         E.masked_fill_(pad.to(A.device)[:, :, None], 0)
 
-    use_cpp = backend_for(A.device) == "cpp" and _cpp_has_nmf() and rank <= _CPP_MAX_RANK
+    backend = backend_for(A.device)
+    use_cpp = backend == "cpp" and _cpp_has_nmf() and rank <= _CPP_MAX_RANK
+    triton_kernels = None
+    if backend == "triton" and A.dtype == torch.float32 and rank <= _CPP_MAX_RANK:
+        from ..kernels import nmf as triton_kernels  # CUDA (or the interpreter): the fused Triton kernels
     if use_cpp and K >= _RUN_CLASSES_PER_THREAD * torch.get_num_threads():
         # enough classes for every thread: each class runs its whole loop on one thread (csrc/nmf.cpp nmf_run;
         # bitwise the same as the update-by-update loop below, without a synchronisation per update)
@@ -321,7 +326,7 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
         k1 = min(K, k0 + block)
         n_iter[k0:k1], err[k0:k1] = _run_classes(A[k0:k1], lengths[k0:k1], E[k0:k1], B[k0:k1], max_iter, tol,
                                                  check_every, eps, update_basis, stop_error, error_mode == "gram",
-                                                 use_cpp)
+                                                 use_cpp, triton_kernels)
     return BatchedNMFResult(E, B, n_iter, err, lengths)
 
 
@@ -338,7 +343,7 @@ def class_block_bytes() -> int:
 
 
 def _run_classes(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, max_iter: int, tol: float, check_every: int,
-                 eps: float, update_basis: bool, stop_error: str, gram: bool, use_cpp: bool):
+                 eps: float, update_basis: bool, stop_error: str, gram: bool, use_cpp: bool, triton_kernels=None):
     """The update loop of a block of classes (E, B updated in place): per-class done mask, DFF stopping rule.
     Returns (n_iter [K] int64, err [K] float64)."""
     K = A.shape[0]
@@ -350,6 +355,8 @@ def _run_classes(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, max_iter: int
     def residual_sq(active: Tensor) -> Tensor:
         if use_cpp:
             return torch.ops.protofast_cpu.nmf_residual(A, lengths_dev, E, B, active)
+        if triton_kernels is not None:
+            return triton_kernels.nmf_residual(A, lengths_dev, E, B, active).cpu()
         return _residual_torch(A, E, B)
 
     def to_err(sq: Tensor) -> Tensor:
@@ -368,6 +375,8 @@ def _run_classes(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, max_iter: int
         if use_cpp:
             gram_sq = torch.ops.protofast_cpu.nmf_step(A, lengths_dev, E, B, active, eps, update_basis,
                                                        gram and check, a_sq if gram else no_a_sq)
+        elif triton_kernels is not None:
+            gram_sq = triton_kernels.nmf_step(A, lengths_dev, E, B, active, eps, update_basis, gram and check, a_sq)
         elif bool(active.all()):
             gram_sq = _step_torch(A, E, B, eps, update_basis, gram and check, a_sq)
         else:  # frozen classes: update the active ones only
