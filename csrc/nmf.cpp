@@ -89,6 +89,9 @@ inline T guard(T v, T eps) {
 
 constexpr int64_t kRows = 4;  // rows updated together: each B row and each Eᵀ A row is loaded once per 4 rows
 constexpr int64_t kMaxRank = 64;
+// The hot loops use explicit std::fma (one rounding per multiply-add; the build has -ffp-contract=off, so
+// nothing is fused implicitly): the same results on every path that shares these helpers.
+constexpr int64_t kCols = 4;  // B rows (prototypes) per register block of the dots and of the Eᵀ A update
 
 // E update of R consecutive rows a[R][D] (E rows e[R][p], in place) and, when EA != nullptr, their contribution
 // to Eᵀ A (p×D) and Eᵀ E (p×p). Every row's arithmetic is the same sequence as for R = 1 (bitwise equal results).
@@ -98,13 +101,31 @@ inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __r
                         T* __restrict__ EE) {
   T ab[R][kMaxRank];
   T en[R][kMaxRank];
-  for (int64_t j = 0; j < p; ++j) {  // A_i Bᵀ: R dot products per B row, kLanes accumulators each
+  // A_i Bᵀ: R rows × kCols B rows at a time, each dot in kLanes accumulators; every (row, B row) dot is the
+  // same sequence of operations whatever the blocking.
+  int64_t j0 = 0;
+  for (; j0 + kCols <= p; j0 += kCols) {
+    T acc[R][kCols][kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t jj = 0; jj < kCols; ++jj)
+          for (int64_t l = 0; l < kLanes; ++l) acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < kCols; ++jj) {
+        T s = 0;
+        for (int64_t x = d; x < D; ++x) s += a[r * D + x] * Bk[(j0 + jj) * D + x];
+        for (int64_t l = 0; l < kLanes; ++l) s += acc[r][jj][l];
+        ab[r][j0 + jj] = s;
+      }
+  }
+  for (int64_t j = j0; j < p; ++j) {
     const T* b = Bk + j * D;
     T acc[R][kLanes] = {};
     int64_t d = 0;
     for (; d + kLanes <= D; d += kLanes)
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += a[r * D + d + l] * b[d + l];
+        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] = std::fma(a[r * D + d + l], b[d + l], acc[r][l]);
     for (int64_t r = 0; r < R; ++r) {
       T s = 0;
       for (int64_t x = d; x < D; ++x) s += a[r * D + x] * b[x];
@@ -122,16 +143,26 @@ inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __r
     for (int64_t j = 0; j < p; ++j) Ei[j] = en[r][j];
   }
   if (EA == nullptr) return;
-  for (int64_t j = 0; j < p; ++j) {
+  // Eᵀ A += Σ_r e_r ⊗ a_r, kCols rows of Eᵀ A per sweep over the R rows of A (each element: the same sequence)
+  int64_t j = 0;
+  for (; j + kCols <= p; j += kCols)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t jj = 0; jj < kCols; ++jj) {
+        T v = EA[(j + jj) * D + d];
+        for (int64_t r = 0; r < R; ++r) v = std::fma(en[r][j + jj], a[r * D + d], v);
+        EA[(j + jj) * D + d] = v;
+      }
+  for (; j < p; ++j) {
     T* row = EA + j * D;
     for (int64_t d = 0; d < D; ++d) {
       T v = row[d];
-      for (int64_t r = 0; r < R; ++r) v += en[r][j] * a[r * D + d];
+      for (int64_t r = 0; r < R; ++r) v = std::fma(en[r][j], a[r * D + d], v);
       row[d] = v;
     }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t l = 0; l < p; ++l) EE[j * p + l] += en[r][j] * en[r][l];
   }
+  for (int64_t jj = 0; jj < p; ++jj)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t l = 0; l < p; ++l) EE[jj * p + l] += en[r][jj] * en[r][l];
 }
 
 // ---------------------------------------------------------------------------------- per-class building blocks
@@ -207,9 +238,9 @@ double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t 
       for (int64_t j = 0; j < p; ++j) {
         const T ej = Ei[j];
         const T* b = Bk + j * D + d;
-        for (int64_t l = 0; l < kLanes; ++l) r[l] -= ej * b[l];
+        for (int64_t l = 0; l < kLanes; ++l) r[l] = std::fma(-ej, b[l], r[l]);
       }
-      for (int64_t l = 0; l < kLanes; ++l) acc[l] += r[l] * r[l];
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] = std::fma(r[l], r[l], acc[l]);
     }
     double s = 0;
     for (; d < D; ++d) {
