@@ -253,6 +253,10 @@ def test_bad_inputs():
         protofast.nmf(a[None], 1)
     with pytest.raises(ValueError, match="seed"):
         protofast.batched_nmf([a, a], 1, seed=[1])
+    with pytest.raises(ValueError, match="E0 must be a tensor of shape"):
+        protofast.batched_nmf([a], 2, E0=torch.rand(1, 5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="B0 must be finite and non-negative"):
+        protofast.batched_nmf([a], 2, B0=-torch.rand(1, 2, 4, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------------------------- the C++ kernel

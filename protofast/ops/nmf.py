@@ -298,6 +298,8 @@ def batched_nmf(features: Union[Tensor, Sequence[Tensor]], rank: int, max_iter: 
         if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
             raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t is not None and not bool(((t >= 0) & torch.isfinite(t)).all()):
+            raise ValueError(f"{name} must be finite and non-negative (multiplicative updates keep signs)")
     E = E0.to(A.device, A.dtype).clone().contiguous()
     B = (B0 if update_basis else fixed_basis).to(A.device, A.dtype).clone().contiguous()
     pad = torch.arange(n_max)[None, :] >= lengths[:, None]
