@@ -18,6 +18,7 @@ from .ops import (
     prototype_distance_maps,
     prototype_min_distances,
 )
+from .ops.nmf import BatchedNMFResult, batched_nmf, nmf, nmf_encode
 
 from . import compat, data, metrics, models, train
 from .push import PushResult, push_prototypes
@@ -38,6 +39,11 @@ __all__ = [
     "pipnet_presence",
     "pipnet_losses",
     "PIPNetLosses",
+    # ProtoNMF: batched NMF by multiplicative updates
+    "batched_nmf",
+    "nmf",
+    "nmf_encode",
+    "BatchedNMFResult",
     # ProtoPNet end to end: projection, models, datasets, training, the cfchen-duke drop-in
     "push_prototypes",
     "PushResult",

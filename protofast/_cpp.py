@@ -34,7 +34,7 @@ from pathlib import Path
 __all__ = ["load_library", "build_info"]
 
 _EXTENSION_NAME = "protofast_cpu_kernels"
-_SOURCES = ("prototype_distances.cpp", "losses.cpp", "pipnet.cpp")
+_SOURCES = ("prototype_distances.cpp", "losses.cpp", "pipnet.cpp", "nmf.cpp")
 # -march=native: the vectorised microkernel becomes AVX-512 where the CPU has it (about 3x, DESIGN.md §6).
 # -fopenmp: without it at::parallel_for silently runs on one thread.
 _EXTRA_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-DNDEBUG")

@@ -4,6 +4,7 @@ from .losses import cluster_separation_costs, masked_l1, mean_distance_loss
 from .views import mask_views
 from .masked_gap import masked_gap
 from .pipnet import PIPNetLosses, pipnet_losses, pipnet_presence
+from .nmf import BatchedNMFResult, batched_nmf, nmf_encode  # protofast.ops.nmf stays the module; nmf() is protofast.nmf
 
 __all__ = [
     "prototype_min_distances",
@@ -17,4 +18,7 @@ __all__ = [
     "pipnet_presence",
     "pipnet_losses",
     "PIPNetLosses",
+    "batched_nmf",
+    "nmf_encode",
+    "BatchedNMFResult",
 ]

@@ -1,0 +1,494 @@
+// protofast C++ CPU kernels: batched NMF multiplicative updates for ProtoNMF (SEMANTICS.md §5.1).
+//
+// Operators (namespace protofast_cpu, added to the library that prototype_distances.cpp defines):
+//
+//   nmf_step(A[K,n,D], lengths[K], E[K,n,p]!, B[K,p,D]!, active[K], eps, update_basis, gram, a_sq[K])
+//       -> gram_sq [K] float64 (empty unless gram)
+//     One multiplicative update of every active class, in place:
+//       E ← E ⊙ (A Bᵀ) / (E B Bᵀ),  then  B ← B ⊙ (Eᵀ A) / (Eᵀ E B)   (denominator entries == 0 become eps)
+//     in ONE streaming pass over A: for each row tile of a class, per row i: A_i Bᵀ (p dots), the new E_i from
+//     B Bᵀ (p×p, computed once per class), and the tile's partial Eᵀ A (p×D) and Eᵀ E (p×p); then per class the
+//     tiles' partials are summed in tile order and B is updated once. Nothing n×D besides A is written or read.
+//     With gram: ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ of the new factors, in double (a_sq = ‖A‖² per class).
+//     update_basis = false: B is fixed (nmf_encode), only E is updated.
+//   nmf_run(A, lengths, E!, B!, max_iter, tol, check_every, eps, update_basis, squared, gram) -> (n_iter, err)
+//     The whole factorisation: each class runs its update loop with DFF's stopping rule on one thread (classes
+//     in parallel), bitwise the same as calling nmf_step / nmf_residual update by update.
+//   nmf_residual(A, lengths, E, B, active) -> [K] float64: ‖A_k − E_k B_k‖²_F of the active classes (0 for the
+//     others), the residual streamed row by row (per row in 16 partial sums of the input dtype, then in double).
+//   nmf_sq_norms(A, lengths) -> [K] float64: ‖A_k‖²_F.
+//
+// Work is split into (class, row tile) tasks run with at::parallel_for; the tiles have a fixed number of rows
+// and partial sums are reduced in a fixed order, so a class's results are bitwise the same for any number of
+// threads and whichever other classes are in the batch (the caller may run classes in cache-sized blocks). Rows ≥ lengths[k] (padding) are never read. The caller
+// (protofast/ops/nmf.py) validates shapes, dtypes and values.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <cstdint>
+#include <vector>
+
+namespace protofast {
+namespace {
+
+constexpr int64_t kLanes = 16;          // independent accumulators of a dot product (vectorised, no reassociation)
+constexpr int64_t kTileRows = 256;      // rows per task: fixed, so results never depend on K or the threads
+
+struct Task {
+  int64_t k, r0, r1;
+};
+
+// (class, row range) tasks over the active classes: tiles of kTileRows rows, so the reduction order of a class
+// depends on its own length only (not on K, the other classes or the thread count).
+// first[k] = index of class k's first task, count[k] = its number of tasks.
+std::vector<Task> make_tasks(const int64_t* lengths, const bool* active, int64_t K, std::vector<int64_t>& first,
+                             std::vector<int64_t>& count) {
+  const int64_t tile = kTileRows;
+  std::vector<Task> tasks;
+  first.assign(K, 0);
+  count.assign(K, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    first[k] = static_cast<int64_t>(tasks.size());
+    if (!active[k]) continue;
+    const int64_t n = lengths[k];
+    if (n == 0) {
+      tasks.push_back({k, 0, 0});  // an empty class still gets its (zero) partial sums
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += tile) tasks.push_back({k, r0, std::min(n, r0 + tile)});
+    count[k] = static_cast<int64_t>(tasks.size()) - first[k];
+  }
+  return tasks;
+}
+
+// Σ_d a[d]·b[d] with kLanes independent partial sums (same order on every call).
+template <typename T>
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t D) {
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[d + l] * b[d + l];
+  T s = 0;
+  for (; d < D; ++d) s += a[d] * b[d];
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+template <typename T>
+inline T guard(T v, T eps) {
+  return v == T(0) ? eps : v;
+}
+
+constexpr int64_t kRows = 4;  // rows updated together: each B row and each Eᵀ A row is loaded once per 4 rows
+constexpr int64_t kMaxRank = 64;
+// The hot loops use explicit std::fma (one rounding per multiply-add; the build has -ffp-contract=off, so
+// nothing is fused implicitly): the same results on every path that shares these helpers.
+constexpr int64_t kCols = 4;  // B rows (prototypes) per register block of the dots and of the Eᵀ A update
+
+// E update of R consecutive rows a[R][D] (E rows e[R][p], in place) and, when EA != nullptr, their contribution
+// to Eᵀ A (p×D) and Eᵀ E (p×p). Every row's arithmetic is the same sequence as for R = 1 (bitwise equal results).
+template <typename T, int64_t R>
+inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __restrict__ Bk,
+                        const T* __restrict__ BBk, int64_t p, int64_t D, T eps, T* __restrict__ EA,
+                        T* __restrict__ EE) {
+  T ab[R][kMaxRank];
+  T en[R][kMaxRank];
+  // A_i Bᵀ: R rows × kCols B rows at a time, each dot in kLanes accumulators; every (row, B row) dot is the
+  // same sequence of operations whatever the blocking.
+  int64_t j0 = 0;
+  for (; j0 + kCols <= p; j0 += kCols) {
+    T acc[R][kCols][kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t jj = 0; jj < kCols; ++jj)
+          for (int64_t l = 0; l < kLanes; ++l) acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < kCols; ++jj) {
+        T s = 0;
+        for (int64_t x = d; x < D; ++x) s += a[r * D + x] * Bk[(j0 + jj) * D + x];
+        for (int64_t l = 0; l < kLanes; ++l) s += acc[r][jj][l];
+        ab[r][j0 + jj] = s;
+      }
+  }
+  for (int64_t j = j0; j < p; ++j) {
+    const T* b = Bk + j * D;
+    T acc[R][kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] = std::fma(a[r * D + d + l], b[d + l], acc[r][l]);
+    for (int64_t r = 0; r < R; ++r) {
+      T s = 0;
+      for (int64_t x = d; x < D; ++x) s += a[r * D + x] * b[x];
+      for (int64_t l = 0; l < kLanes; ++l) s += acc[r][l];
+      ab[r][j] = s;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    T* Ei = e + r * p;
+    for (int64_t j = 0; j < p; ++j) {
+      T den = 0;
+      for (int64_t l = 0; l < p; ++l) den += Ei[l] * BBk[l * p + j];
+      en[r][j] = Ei[j] * ab[r][j] / guard(den, eps);
+    }
+    for (int64_t j = 0; j < p; ++j) Ei[j] = en[r][j];
+  }
+  if (EA == nullptr) return;
+  // Eᵀ A += Σ_r e_r ⊗ a_r, kCols rows of Eᵀ A per sweep over the R rows of A (each element: the same sequence)
+  int64_t j = 0;
+  for (; j + kCols <= p; j += kCols)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t jj = 0; jj < kCols; ++jj) {
+        T v = EA[(j + jj) * D + d];
+        for (int64_t r = 0; r < R; ++r) v = std::fma(en[r][j + jj], a[r * D + d], v);
+        EA[(j + jj) * D + d] = v;
+      }
+  for (; j < p; ++j) {
+    T* row = EA + j * D;
+    for (int64_t d = 0; d < D; ++d) {
+      T v = row[d];
+      for (int64_t r = 0; r < R; ++r) v = std::fma(en[r][j], a[r * D + d], v);
+      row[d] = v;
+    }
+  }
+  for (int64_t jj = 0; jj < p; ++jj)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t l = 0; l < p; ++l) EE[jj * p + l] += en[r][jj] * en[r][l];
+}
+
+// ---------------------------------------------------------------------------------- per-class building blocks
+// B Bᵀ (p×p) of one class.
+template <typename T>
+void basis_gram(const T* Bk, int64_t p, int64_t D, T* BB) {
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = 0; j < p; ++j) BB[i * p + j] = dot(Bk + i * D, Bk + j * D, D);
+}
+
+// The streaming pass over rows r0..r1 of one class: E rows updated in place; with part != nullptr the tile's
+// Eᵀ A (p×D) followed by Eᵀ E (p×p) are written there.
+template <typename T>
+void tile_update(const T* Ak, T* Ek, const T* Bk, const T* BB, int64_t r0, int64_t r1, int64_t p, int64_t D, T eps,
+                 T* part) {
+  T* EA = part;
+  T* EE = part ? part + p * D : nullptr;
+  if (part) std::fill(part, part + p * D + p * p, T(0));
+  int64_t i = r0;
+  for (; i + kRows <= r1; i += kRows) update_rows<T, kRows>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, EA, EE);
+  for (; i < r1; ++i) update_rows<T, 1>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, EA, EE);
+}
+
+// Sum a class's `count` tile partials (contiguous, in tile order), update B (unless fixed) and return the
+// Gram-form squared error ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ in double (when gram; else 0).
+template <typename T>
+double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t D, T eps, bool update_basis,
+                    bool gram, double a_sq, T* sum, T* den) {
+  const int64_t part = p * D + p * p;
+  std::copy(partials, partials + part, sum);
+  for (int64_t t = 1; t < count; ++t) {
+    const T* src = partials + t * part;
+    for (int64_t x = 0; x < part; ++x) sum[x] += src[x];
+  }
+  const T* EA = sum;
+  const T* EE = sum + p * D;
+  if (update_basis) {  // den = (Eᵀ E) B, then B ← B ⊙ (Eᵀ A) / den
+    std::fill(den, den + p * D, T(0));
+    for (int64_t j = 0; j < p; ++j)
+      for (int64_t l = 0; l < p; ++l) {
+        const T c = EE[j * p + l];
+        const T* src = Bk + l * D;
+        T* dst = den + j * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += c * src[d];
+      }
+    for (int64_t x = 0; x < p * D; ++x) Bk[x] = Bk[x] * EA[x] / guard(den[x], eps);
+  }
+  if (!gram) return 0.0;
+  double cross = 0, quad = 0;
+  for (int64_t x = 0; x < p * D; ++x) cross += static_cast<double>(EA[x]) * static_cast<double>(Bk[x]);
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = 0; j < p; ++j) {
+      double b = 0;
+      for (int64_t d = 0; d < D; ++d) b += static_cast<double>(Bk[i * D + d]) * static_cast<double>(Bk[j * D + d]);
+      quad += static_cast<double>(EE[i * p + j]) * b;
+    }
+  return std::max(0.0, a_sq - 2 * cross + quad);
+}
+
+// ‖A − E B‖² over rows r0..r1 of one class: each row's squared residual in kLanes partial sums of T (D/16 terms
+// each), then added in double.
+template <typename T>
+double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t r1, int64_t p, int64_t D) {
+  double total = 0;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* a = Ak + i * D;
+    const T* Ei = Ek + i * p;
+    T acc[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      T r[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) r[l] = a[d + l];
+      for (int64_t j = 0; j < p; ++j) {
+        const T ej = Ei[j];
+        const T* b = Bk + j * D + d;
+        for (int64_t l = 0; l < kLanes; ++l) r[l] = std::fma(-ej, b[l], r[l]);
+      }
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] = std::fma(r[l], r[l], acc[l]);
+    }
+    double s = 0;
+    for (; d < D; ++d) {
+      T r = a[d];
+      for (int64_t j = 0; j < p; ++j) r -= Ei[j] * Bk[j * D + d];
+      s += static_cast<double>(r) * static_cast<double>(r);
+    }
+    for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(acc[l]);
+    total += s;
+  }
+  return total;
+}
+
+inline int64_t n_tiles(int64_t n) { return n == 0 ? 1 : (n + kTileRows - 1) / kTileRows; }
+
+// ---------------------------------------------------------------------------------- nmf_step: one update
+template <typename T>
+at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t,
+                     const bool* active, double eps_d, bool update_basis, bool gram, const at::Tensor& a_sq_t) {
+  const int64_t K = A_t.size(0), n_max = A_t.size(1), D = A_t.size(2), p = B_t.size(1);
+  const T eps = static_cast<T>(eps_d);
+  const T* A = A_t.data_ptr<T>();
+  T* E = E_t.data_ptr<T>();
+  T* B = B_t.data_ptr<T>();
+
+  std::vector<int64_t> first, count;
+  const std::vector<Task> tasks = make_tasks(lengths, active, K, first, count);
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const bool accumulate = update_basis || gram;
+
+  std::vector<T> BB(static_cast<size_t>(K * p * p));
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      if (active[k]) basis_gram(B + k * p * D, p, D, BB.data() + k * p * p);
+  });
+
+  const int64_t part = p * D + p * p;
+  std::vector<T> partial(accumulate ? static_cast<size_t>(n_tasks * part) : 0);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task task = tasks[t];
+      tile_update(A + task.k * n_max * D, E + task.k * n_max * p, B + task.k * p * D, BB.data() + task.k * p * p,
+                  task.r0, task.r1, p, D, eps, accumulate ? partial.data() + t * part : nullptr);
+    }
+  });
+
+  at::Tensor gram_sq = at::zeros({gram ? K : 0}, A_t.options().dtype(at::kDouble));
+  if (!accumulate) return gram_sq;
+  double* gsq = gram ? gram_sq.data_ptr<double>() : nullptr;
+  const double* a_sq = gram ? a_sq_t.data_ptr<double>() : nullptr;
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> sum(part), den(p * D);
+    for (int64_t k = k0; k < k1; ++k) {
+      if (!active[k]) continue;
+      const double g = class_finish(partial.data() + first[k] * part, count[k], B + k * p * D, p, D, eps,
+                                    update_basis, gram, gram ? a_sq[k] : 0.0, sum.data(), den.data());
+      if (gram) gsq[k] = g;
+    }
+  });
+  return gram_sq;
+}
+
+template <typename T>
+void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tensor& E_t, const at::Tensor& B_t,
+                   const bool* active, double* out) {
+  const int64_t K = A_t.size(0), n_max = A_t.size(1), D = A_t.size(2), p = B_t.size(1);
+  const T* A = A_t.data_ptr<T>();
+  const T* E = E_t.data_ptr<T>();
+  const T* B = B_t.data_ptr<T>();
+  std::vector<int64_t> first, count;
+  const std::vector<Task> tasks = make_tasks(lengths, active, K, first, count);
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  std::vector<double> partial(n_tasks, 0.0);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task task = tasks[t];
+      partial[t] = tile_residual(A + task.k * n_max * D, E + task.k * n_max * p, B + task.k * p * D, task.r0,
+                                 task.r1, p, D);
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0;
+    for (int64_t t = first[k]; t < first[k] + count[k]; ++t) s += partial[t];
+    out[k] = active[k] ? s : 0.0;
+  }
+}
+
+// ---------------------------------------------------------------------------------- nmf_run: whole loop per class
+// Every class runs its whole update loop (DFF's stopping rule included) on one thread, classes in parallel:
+// one parallel region for the whole factorisation (no per-update synchronisation) and each class's A stays in
+// that core's cache across updates. The arithmetic is exactly nmf_step's + nmf_residual's (same tiles, same
+// reduction order, the same double comparisons), so results are bitwise those of the step-by-step loop.
+template <typename T>
+void run_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t, int64_t max_iter,
+              double tol, int64_t check_every, double eps_d, bool update_basis, bool squared, bool gram,
+              int64_t* n_iter_out, double* err_out) {
+  const int64_t K = A_t.size(0), n_max = A_t.size(1), D = A_t.size(2), p = B_t.size(1);
+  const T eps = static_cast<T>(eps_d);
+  const T* A = A_t.data_ptr<T>();
+  T* E = E_t.data_ptr<T>();
+  T* B = B_t.data_ptr<T>();
+  const int64_t part = p * D + p * p;
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> BB(p * p), sum(part), den(p * D);
+    std::vector<T> partial;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n = lengths[k], tiles = n_tiles(n);
+      const T* Ak = A + k * n_max * D;
+      T* Ek = E + k * n_max * p;
+      T* Bk = B + k * p * D;
+      partial.assign(static_cast<size_t>(tiles * part), T(0));
+      auto residual = [&]() {
+        double s = 0;
+        for (int64_t t = 0; t < tiles; ++t)
+          s += tile_residual(Ak, Ek, Bk, t * kTileRows, std::min(n, (t + 1) * kTileRows), p, D);
+        return s;
+      };
+      auto to_err = [&](double sq) { return squared ? sq : std::sqrt(sq); };
+      double a_sq = 0;
+      if (gram) {
+        for (int64_t x = 0; x < n * D; ++x) a_sq += static_cast<double>(Ak[x]) * Ak[x];
+      }
+      const double err0 = to_err(residual());
+      double prev = err0;
+      int64_t done = 0;
+      for (int64_t t = 0; t < max_iter; ++t) {
+        const bool check = tol > 0 && t % check_every == 0;
+        const bool accumulate = update_basis || (gram && check);
+        basis_gram(Bk, p, D, BB.data());
+        for (int64_t tile = 0; tile < tiles; ++tile)
+          tile_update(Ak, Ek, Bk, BB.data(), tile * kTileRows, std::min(n, (tile + 1) * kTileRows), p, D, eps,
+                      accumulate ? partial.data() + tile * part : nullptr);
+        double g = 0;
+        if (accumulate)
+          g = class_finish(partial.data(), tiles, Bk, p, D, eps, update_basis, gram && check, a_sq, sum.data(),
+                           den.data());
+        done = t + 1;
+        if (check) {
+          const double err = to_err(gram ? g : residual());
+          if (err0 == 0 || (prev - err) / err0 < tol) break;
+          prev = err;
+        }
+      }
+      n_iter_out[k] = done;
+      err_out[k] = to_err(residual());
+    }
+  });
+}
+
+void check_common(const at::Tensor& A, const at::Tensor& lengths, const at::Tensor& E, const at::Tensor& B,
+                  const at::Tensor& active) {
+  TORCH_CHECK(A.dim() == 3 && A.is_contiguous(), "nmf: A must be a contiguous [K, n, D] tensor");
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble, "nmf: A must be float32 or float64");
+  const int64_t K = A.size(0), n = A.size(1), D = A.size(2);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == K && lengths.scalar_type() == at::kLong &&
+                  lengths.is_contiguous(), "nmf: lengths must be a contiguous int64 [K] tensor");
+  TORCH_CHECK(B.dim() == 3 && B.size(0) == K && B.size(2) == D && B.is_contiguous() &&
+                  B.scalar_type() == A.scalar_type(), "nmf: B must be a contiguous [K, p, D] tensor of A's dtype");
+  TORCH_CHECK(E.dim() == 3 && E.size(0) == K && E.size(1) == n && E.size(2) == B.size(1) && E.is_contiguous() &&
+                  E.scalar_type() == A.scalar_type(), "nmf: E must be a contiguous [K, n, p] tensor of A's dtype");
+  TORCH_CHECK(active.dim() == 1 && active.size(0) == K && active.scalar_type() == at::kBool &&
+                  active.is_contiguous(), "nmf: active must be a contiguous bool [K] tensor");
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) TORCH_CHECK(len[k] >= 0 && len[k] <= n, "nmf: lengths out of range");
+}
+
+}  // namespace
+
+at::Tensor nmf_step(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E, at::Tensor B,
+                    const at::Tensor& active, double eps, bool update_basis, bool gram, const at::Tensor& a_sq) {
+  check_common(A, lengths, E, B, active);
+  TORCH_CHECK(B.size(1) <= kMaxRank, "nmf_step: rank must be <= ", kMaxRank, " for the C++ kernel");
+  if (gram)
+    TORCH_CHECK(a_sq.dim() == 1 && a_sq.size(0) == A.size(0) && a_sq.scalar_type() == at::kDouble &&
+                    a_sq.is_contiguous(), "nmf_step: a_sq must be a contiguous float64 [K] tensor");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_step", [&] {
+    out = step_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, active.data_ptr<bool>(), eps, update_basis,
+                              gram, a_sq);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> nmf_run(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E, at::Tensor B,
+                                           int64_t max_iter, double tol, int64_t check_every, double eps,
+                                           bool update_basis, bool squared, bool gram) {
+  at::Tensor active = at::empty({A.size(0)}, A.options().dtype(at::kBool));
+  std::fill(active.data_ptr<bool>(), active.data_ptr<bool>() + A.size(0), true);
+  check_common(A, lengths, E, B, active);
+  TORCH_CHECK(B.size(1) <= kMaxRank, "nmf_run: rank must be <= ", kMaxRank, " for the C++ kernel");
+  TORCH_CHECK(max_iter >= 0 && check_every >= 1, "nmf_run: max_iter >= 0 and check_every >= 1");
+  at::Tensor n_iter = at::zeros({A.size(0)}, A.options().dtype(at::kLong));
+  at::Tensor err = at::zeros({A.size(0)}, A.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_run", [&] {
+    run_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, max_iter, tol, check_every, eps, update_basis, squared,
+                       gram, n_iter.data_ptr<int64_t>(), err.data_ptr<double>());
+  });
+  return {n_iter, err};
+}
+
+at::Tensor nmf_residual(const at::Tensor& A, const at::Tensor& lengths, const at::Tensor& E, const at::Tensor& B,
+                        const at::Tensor& active) {
+  check_common(A, lengths, E, B, active);
+  at::Tensor out = at::zeros({A.size(0)}, A.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_residual", [&] {
+    residual_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, active.data_ptr<bool>(), out.data_ptr<double>());
+  });
+  return out;
+}
+
+at::Tensor nmf_sq_norms(const at::Tensor& A, const at::Tensor& lengths) {
+  TORCH_CHECK(A.dim() == 3 && A.is_contiguous(), "nmf_sq_norms: A must be a contiguous [K, n, D] tensor");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == A.size(0) && lengths.scalar_type() == at::kLong &&
+                  lengths.is_contiguous(), "nmf_sq_norms: lengths must be a contiguous int64 [K] tensor");
+  const int64_t K = A.size(0), n = A.size(1), D = A.size(2);
+  at::Tensor out = at::zeros({K}, A.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_sq_norms", [&] {
+    const scalar_t* a = A.data_ptr<scalar_t>();
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double s = 0;
+        const scalar_t* row = a + k * n * D;
+        for (int64_t x = 0; x < std::min(len[k], n) * D; ++x) s += static_cast<double>(row[x]) * row[x];
+        o[k] = s;
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace protofast
+
+TORCH_LIBRARY_FRAGMENT(protofast_cpu, m) {
+  m.def(
+      "nmf_step(Tensor A, Tensor lengths, Tensor(a!) E, Tensor(b!) B, Tensor active, float eps, bool update_basis, "
+      "bool gram, Tensor a_sq) -> Tensor");
+  m.def(
+      "nmf_run(Tensor A, Tensor lengths, Tensor(a!) E, Tensor(b!) B, int max_iter, float tol, int check_every, "
+      "float eps, bool update_basis, bool squared, bool gram) -> (Tensor, Tensor)");
+  m.def("nmf_residual(Tensor A, Tensor lengths, Tensor E, Tensor B, Tensor active) -> Tensor");
+  m.def("nmf_sq_norms(Tensor A, Tensor lengths) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(protofast_cpu, CPU, m) {
+  m.impl("nmf_step", &protofast::nmf_step);
+  m.impl("nmf_run", &protofast::nmf_run);
+  m.impl("nmf_residual", &protofast::nmf_residual);
+  m.impl("nmf_sq_norms", &protofast::nmf_sq_norms);
+}
