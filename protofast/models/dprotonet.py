@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import protofast
 
-from .protopnet import ProtoPNet, build_backbone
+from .protopnet import ProtoPNet, _feature_shape, build_backbone, check_loss_inputs
 
 __all__ = ["DProtoNet", "ShapingNet", "PushView"]
 
@@ -62,20 +62,6 @@ class ShapingNet(nn.Sequential):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-
-
-def _feature_shape(backbone: nn.Module, input_shape: Sequence[int]) -> Tuple[int, int, int]:
-    param = next(backbone.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        out = backbone(torch.zeros(1, *input_shape, device=device))
-    backbone.train(was_training)
-    if not isinstance(out, Tensor) or out.dim() != 4:
-        raise ValueError("the backbone must map [B, 3, H, W] images to a [B, C, H', W'] feature map, got "
-                         f"{type(out).__name__} {getattr(out, 'shape', '')}")
-    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
 
 
 def mask_min_distances(z: Tensor, prototypes: Tensor) -> Tuple[Tensor, Tensor]:
@@ -203,16 +189,7 @@ class DProtoNet(ProtoPNet):
         max_dist = D (``"masked_max"``). Sep = sd (``sep_sign="protopnet"``) or −sd (``"literal"``).
         terms: ``cross_entropy, cluster, separation`` (= sd, unsigned), ``avg_separation, l1, total``.
         ``features`` is accepted for ProtoPNet's training loop and unused."""
-        B, K, M = logits.shape[0], self.num_classes, self.num_prototypes
-        if logits.dim() != 2 or logits.shape[1] != K:
-            raise ValueError(f"logits must be [B, {K}], got shape {tuple(logits.shape)}")
-        if min_distances.shape != (B, M):
-            raise ValueError(f"min_distances must be [B, M] = [{B}, {M}], got shape {tuple(min_distances.shape)}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != B:
-            raise ValueError(f"labels must be a [B] = [{B}] tensor, got {getattr(labels, 'shape', type(labels))}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-            raise TypeError(f"labels must be an integer class-index tensor, got {labels.dtype}")
-        labels = labels.to(device=logits.device, dtype=torch.long)
+        labels = check_loss_inputs(logits, min_distances, labels, self.num_classes, self.num_prototypes)
         c = self.coefs
         ce = torch.nn.functional.cross_entropy(logits, labels)
         l1 = protofast.masked_l1(self.last_layer.weight, self.prototype_class_identity)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import protofast
 
-from .protopnet import _infer_channels, build_backbone
+from .protopnet import _infer_channels, build_backbone, check_loss_inputs
 
 __all__ = ["ProtoMask", "diversity_loss", "push_protomask", "MaskPushResult"]
 
@@ -224,18 +224,7 @@ class ProtoMask(nn.Module):
         """
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        B, K, M = logits.shape[0], self.num_classes, self.num_prototypes
-        if logits.dim() != 2 or logits.shape[1] != K:
-            raise ValueError(f"logits must be [B, {K}], got shape {tuple(logits.shape)}")
-        if min_distances.shape != (B, M):
-            raise ValueError(f"min_distances must be [B, M] = [{B}, {M}], got shape {tuple(min_distances.shape)}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != B:
-            raise ValueError(f"labels must be a [B] = [{B}] tensor, got {getattr(labels, 'shape', type(labels))}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-            raise TypeError(f"labels must be an integer class-index tensor, got {labels.dtype}")
-        if B and (int(labels.min()) < 0 or int(labels.max()) >= K):
-            raise ValueError(f"labels must be in [0, {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
-        labels = labels.to(device=logits.device, dtype=torch.long)
+        labels = check_loss_inputs(logits, min_distances, labels, self.num_classes, self.num_prototypes)
         c = self.coefs
         ce = F.cross_entropy(logits, labels)
         terms = {"cross_entropy": ce}

@@ -130,10 +130,8 @@ def build_backbone(spec: dict) -> nn.Module:
     raise ValueError(f"unknown backbone {name!r}: pass the backbone module to load_checkpoint(..., backbone=...)")
 
 
-def _infer_channels(backbone: nn.Module, input_shape: Sequence[int]) -> int:
-    channels = getattr(backbone, "out_channels", None)
-    if isinstance(channels, int):
-        return channels
+def _feature_shape(backbone: nn.Module, input_shape: Sequence[int]) -> Tuple[int, int, int]:
+    """(C, H', W') of ``backbone``'s feature map for one zero image of ``input_shape`` (eval mode, no grad)."""
     param = next(backbone.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = backbone.training
@@ -144,7 +142,33 @@ def _infer_channels(backbone: nn.Module, input_shape: Sequence[int]) -> int:
     if not isinstance(out, Tensor) or out.dim() != 4:
         raise ValueError("the backbone must map [B, 3, H, W] images to a [B, C, H', W'] feature map, got "
                          f"{type(out).__name__} {getattr(out, 'shape', '')}")
-    return int(out.shape[1])
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
+
+
+def _infer_channels(backbone: nn.Module, input_shape: Sequence[int]) -> int:
+    channels = getattr(backbone, "out_channels", None)
+    if isinstance(channels, int):
+        return channels
+    return _feature_shape(backbone, input_shape)[0]
+
+
+def check_loss_inputs(logits: Tensor, min_distances: Tensor, labels: Tensor, num_classes: int,
+                      num_prototypes: int) -> Tensor:
+    """Shape/dtype/range checks shared by the ProtoPNet-family ``loss`` methods (ValueError/TypeError naming the
+    argument); returns ``labels`` as int64 on the logits' device."""
+    B, K, M = logits.shape[0], num_classes, num_prototypes
+    if logits.dim() != 2 or logits.shape[1] != K:
+        raise ValueError(f"logits must be [B, {K}], got shape {tuple(logits.shape)}")
+    if min_distances.shape != (B, M):
+        raise ValueError(f"min_distances must be [B, M] = [{B}, {M}], got shape {tuple(min_distances.shape)}")
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != B:
+        raise ValueError(f"labels must be a [B] = [{B}] tensor, got {getattr(labels, 'shape', type(labels))}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer class-index tensor, got {labels.dtype}")
+    # the range check reads values (a host sync, a graph break); under torch.compile the ops check it instead
+    if B and not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= K):
+        raise ValueError(f"labels must be in [0, {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
+    return labels.to(device=logits.device, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------- ProtoPNet
@@ -327,18 +351,7 @@ class ProtoPNet(nn.Module):
             ``(total, terms)``; terms has ``cross_entropy``, ``l1``, ``total`` and ``cluster``, ``separation``,
             ``avg_separation`` (minmax) or ``mean_distance`` (mean).
         """
-        B, K, M = logits.shape[0], self.num_classes, self.num_prototypes
-        if logits.dim() != 2 or logits.shape[1] != K:
-            raise ValueError(f"logits must be [B, {K}], got shape {tuple(logits.shape)}")
-        if min_distances.shape != (B, M):
-            raise ValueError(f"min_distances must be [B, M] = [{B}, {M}], got shape {tuple(min_distances.shape)}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != B:
-            raise ValueError(f"labels must be a [B] = [{B}] tensor, got {getattr(labels, 'shape', type(labels))}")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-            raise TypeError(f"labels must be an integer class-index tensor, got {labels.dtype}")
-        if B and (int(labels.min()) < 0 or int(labels.max()) >= K):
-            raise ValueError(f"labels must be in [0, {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
-        labels = labels.to(device=logits.device, dtype=torch.long)
+        labels = check_loss_inputs(logits, min_distances, labels, self.num_classes, self.num_prototypes)
         c = self.coefs
         ce = F.cross_entropy(logits, labels)
         l1 = protofast.masked_l1(self.last_layer.weight, self.prototype_class_identity)
