@@ -33,13 +33,13 @@ forward returns, to rounding); pass ``pooled`` unchanged, as the original loop d
 """
 from __future__ import annotations
 
-import copyreg
-from typing import Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _class_swap
+from ._class_swap import PatchedMixin
 from ..ops.pipnet import pipnet_losses, pipnet_presence
 
 __all__ = ["patch", "unpatch", "is_patched", "calculate_loss", "align_loss"]
@@ -49,10 +49,9 @@ _TAG = "_protofast_pre_softmax"
 EPS_T_OP = 1e-8
 
 
-class _FastPIPNet:
+class _FastPIPNet(PatchedMixin):
     """Mixin placed in front of the user's PIPNet class by :func:`patch`."""
 
-    _protofast_patched = True
 
     def forward(self, xs, inference=False):
         """``(proto_features z [B, D, H, W], pooled [B, D], out [B, K])`` as the original."""
@@ -66,12 +65,6 @@ class _FastPIPNet:
         setattr(proto_features, _TAG, a)
         return proto_features, pooled, out
 
-    def __reduce_ex__(self, protocol):
-        rv = super().__reduce_ex__(protocol)
-        if isinstance(rv, tuple) and rv and rv[0] is copyreg.__newobj__ and rv[1][0] is type(self):
-            return (_rebuild_patched, (type(self)._protofast_base,) + tuple(rv[1][1:])) + tuple(rv[2:])
-        raise TypeError(f"cannot pickle a patched {type(self).__name__} with protocol {protocol}; use protocol >= 2 "
-                        f"(torch.save's default) or unpatch() first")
 
 
 def _pre_softmax(add_on: nn.Module, features):
@@ -85,32 +78,12 @@ def _pre_softmax(add_on: nn.Module, features):
     return features
 
 
-_PATCHED_CLASSES: Dict[type, type] = {}
-
-
-def _patched_class(base: type) -> type:
-    sub = _PATCHED_CLASSES.get(base)
-    if sub is None:
-        sub = type(base.__name__, (_FastPIPNet, base),
-                   {"__module__": base.__module__, "__qualname__": base.__qualname__, "_protofast_base": base,
-                    "__doc__": f"{base.__name__} patched by protofast.compat.pipnet (fused forward)."})
-        _PATCHED_CLASSES[base] = sub
-    return sub
-
-
-def _rebuild_patched(base: type, *args):
-    cls = _patched_class(base)
-    return cls.__new__(cls, *args)
-
-
 def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "_classification"):
-        model = model.module
-    return model
+    return _class_swap.unwrap(model, "_classification")
 
 
-def is_patched(net) -> bool:
-    return bool(getattr(type(_unwrap(net)), "_protofast_patched", False))
+def is_patched(model) -> bool:
+    return _class_swap.is_patched(_unwrap(model))
 
 
 def patch(net):
@@ -126,16 +99,14 @@ def patch(net):
     if not isinstance(inner._add_on, nn.Sequential) or not len(inner._add_on) or \
             not isinstance(inner._add_on[-1], nn.Softmax):
         raise ValueError("patch() needs _add_on = nn.Sequential(..., nn.Softmax(dim=1)) as M-Nauta/PIPNet builds it")
-    if not is_patched(inner):
-        inner.__class__ = _patched_class(type(inner))
+    _class_swap.swap_in(inner, _FastPIPNet)
     return net
 
 
 def unpatch(net):
     """Undo :func:`patch` in place; returns the object passed in."""
     inner = _unwrap(net)
-    if is_patched(inner):
-        inner.__class__ = type(inner)._protofast_base
+    _class_swap.swap_out(inner)
     return net
 
 

@@ -30,7 +30,6 @@ returns a patched copy. For a checkpoint that loads without protofast, save ``un
 """
 from __future__ import annotations
 
-import copyreg
 import os
 import time
 from typing import Dict
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _class_swap
+from ._class_swap import PatchedMixin
 from ..ops.distances import log_similarity, prototype_distance_maps, prototype_min_distances
 from ..ops.losses import cluster_separation_costs, masked_l1
 from ..push import push_prototypes as _push
@@ -49,10 +50,9 @@ _REQUIRED = ("conv_features", "prototype_vectors", "last_layer", "prototype_clas
              "prototype_activation_function")
 
 
-class _FastPPNet:
+class _FastPPNet(PatchedMixin):
     """Mixin placed in front of the user's PPNet class by :func:`patch`."""
 
-    _protofast_patched = True
 
     def forward(self, x):
         """``(logits [B, K], min_distances [B, P])`` through the fused distance + min kernel."""
@@ -77,41 +77,19 @@ class _FastPPNet:
         conv_output = self.conv_features(x)
         return conv_output, self._l2_convolution(conv_output)
 
-    def __reduce_ex__(self, protocol):
-        rv = super().__reduce_ex__(protocol)
-        if isinstance(rv, tuple) and rv and rv[0] is copyreg.__newobj__ and rv[1][0] is type(self):
-            return (_rebuild_patched, (type(self)._protofast_base,) + tuple(rv[1][1:])) + tuple(rv[2:])
-        raise TypeError(f"cannot pickle a patched {type(self).__name__} with protocol {protocol}; use protocol >= 2 "
-                        f"(torch.save's default) or unpatch() first")
-
-
-_PATCHED_CLASSES: Dict[type, type] = {}
-
-
-def _patched_class(base: type) -> type:
-    sub = _PATCHED_CLASSES.get(base)
-    if sub is None:
-        sub = type(base.__name__, (_FastPPNet, base),
-                   {"__module__": base.__module__, "__qualname__": base.__qualname__, "_protofast_base": base,
-                    "__doc__": f"{base.__name__} patched by protofast.compat.protopnet (fused forward)."})
-        _PATCHED_CLASSES[base] = sub
-    return sub
 
 
 def _rebuild_patched(base: type, *args):
-    """Unpickling hook: an empty instance of the patched subclass of ``base`` (state is set by pickle)."""
-    cls = _patched_class(base)
-    return cls.__new__(cls, *args)
+    """Unpickling hook of files saved before the class swap moved to ``_class_swap`` (kept for those files)."""
+    return _class_swap.rebuild(_FastPPNet, base, *args)
 
 
 def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "prototype_vectors"):
-        model = model.module
-    return model
+    return _class_swap.unwrap(model, "prototype_vectors")
 
 
-def is_patched(ppnet) -> bool:
-    return bool(getattr(type(_unwrap(ppnet)), "_protofast_patched", False))
+def is_patched(model) -> bool:
+    return _class_swap.is_patched(_unwrap(model))
 
 
 def patch(ppnet):
@@ -127,16 +105,14 @@ def patch(ppnet):
     if missing:
         raise AttributeError(f"patch() needs a cfchen-duke PPNet-like module; {type(net).__name__} has no "
                              f"{', '.join(missing)}")
-    if not is_patched(net):
-        net.__class__ = _patched_class(type(net))
+    _class_swap.swap_in(net, _FastPPNet)
     return ppnet
 
 
 def unpatch(ppnet):
     """Undo :func:`patch` in place (the original class again); returns the object passed in."""
     net = _unwrap(ppnet)
-    if is_patched(net):
-        net.__class__ = type(net)._protofast_base
+    _class_swap.swap_out(net)
     return ppnet
 
 
