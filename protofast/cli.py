@@ -148,20 +148,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank = torch.distributed.get_rank() if distributed else 0
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        if args.dataset == "synthetic":
-            train_set = pf_data.SyntheticParts(args.train_size, num_classes=10, image_size=32, seed=args.seed,
-                                               split="train")
-            test_set = pf_data.SyntheticParts(args.test_size, num_classes=10, image_size=32, seed=args.seed,
-                                              split="test")
-            num_classes = train_set.num_classes
-        else:
-            try:
-                train_set = pf_data.load_digits_dataset("train", image_size=32, seed=args.seed)
-                test_set = pf_data.load_digits_dataset("test", image_size=32, seed=args.seed)
-            except ImportError as exc:
-                print(f"protofast train: {exc}", file=sys.stderr)
-                return 2
-            num_classes = 10
+        try:
+            train_set, test_set, num_classes = pf_data.train_test_datasets(args.dataset, args.train_size,
+                                                                           args.test_size, seed=args.seed)
+        except ImportError as exc:
+            print(f"protofast train: {exc}", file=sys.stderr)
+            return 2
         torch.manual_seed(args.seed)
         model = ProtoPNet(SmallCNN(channels=(16, 32, 32)), num_classes, prototypes_per_class=args.prototypes_per_class,
                           prototype_shape=(32, 1, 1), loss=args.loss)

@@ -217,3 +217,20 @@ def load_digits_dataset(split: str = "train", image_size: int = 32, test_fractio
     n_test = int(round(test_fraction * len(y)))
     idx = perm[len(y) - n_test:] if split == "test" else perm[:len(y) - n_test]
     return TensorDataset(x[idx], y[idx])
+
+
+def train_test_datasets(dataset: str, train_size: int = 2000, test_size: int = 1000, seed: int = 0,
+                        image_size: int = 32, num_classes: int = 10):
+    """``(train_set, test_set, num_classes)`` for the ``protofast train`` CLIs' ``--dataset`` choice:
+    ``"synthetic"`` (:class:`SyntheticParts`, ``train_size`` / ``test_size`` images of ``num_classes`` classes) or
+    ``"digits"`` (:func:`load_digits_dataset`; raises ImportError without scikit-learn)."""
+    if dataset == "synthetic":
+        train_set = SyntheticParts(train_size, num_classes=num_classes, image_size=image_size, seed=seed,
+                                   split="train")
+        test_set = SyntheticParts(test_size, num_classes=num_classes, image_size=image_size, seed=seed,
+                                  split="test")
+        return train_set, test_set, train_set.num_classes
+    if dataset == "digits":
+        return (load_digits_dataset("train", image_size=image_size, seed=seed),
+                load_digits_dataset("test", image_size=image_size, seed=seed), 10)
+    raise ValueError(f"dataset must be 'synthetic' or 'digits', got {dataset!r}")

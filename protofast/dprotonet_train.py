@@ -311,17 +311,12 @@ def cli_train(args) -> int:
         torch.set_num_threads(args.threads)
     if args.out == "protofast-protopnet":            # the train subcommand's default directory
         args.out = "protofast-dprotonet"
-    if args.dataset == "synthetic":
-        train_set = pf_data.SyntheticParts(args.train_size, num_classes=10, image_size=32, seed=args.seed,
-                                           split="train")
-        test_set = pf_data.SyntheticParts(args.test_size, num_classes=10, image_size=32, seed=args.seed, split="test")
-    else:
-        try:
-            train_set = pf_data.load_digits_dataset("train", image_size=32, seed=args.seed)
-            test_set = pf_data.load_digits_dataset("test", image_size=32, seed=args.seed)
-        except ImportError as exc:
-            print(f"protofast train: {exc}", file=sys.stderr)
-            return 2
+    try:
+        train_set, test_set, _ = pf_data.train_test_datasets(args.dataset, args.train_size, args.test_size,
+                                                             seed=args.seed)
+    except ImportError as exc:
+        print(f"protofast train: {exc}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     model = DProtoNet(SmallCNN(channels=(16, 32, 32)), 10, prototypes_per_class=args.prototypes_per_class,
                       num_masks=args.num_masks, prototype_dim=32, input_shape=(3, 32, 32), mask_seed=args.seed)

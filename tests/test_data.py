@@ -110,3 +110,12 @@ def test_digits_without_sklearn(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         load_digits_dataset()
+
+
+def test_train_test_datasets_for_the_cli():
+    from protofast.data import SyntheticParts, train_test_datasets
+
+    train_set, test_set, k = train_test_datasets("synthetic", 12, 8, seed=3)
+    assert isinstance(train_set, SyntheticParts) and len(train_set) == 12 and len(test_set) == 8 and k == 10
+    with pytest.raises(ValueError, match="dataset must be"):
+        train_test_datasets("cifar")
