@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .prototype_distances import KernelVariant, triton_signature
+
 
 @dataclass(frozen=True)
 class Config:
@@ -212,37 +214,6 @@ def nmf_residual(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, active: Tenso
 
 
 # --------------------------------------------------------------------------------------------- AOT variants
-@dataclass(frozen=True)
-class KernelVariant:
-    """One compilation the launchers can request on a GPU (same fields as prototype_distances.KernelVariant)."""
-
-    kernel: str
-    fn: object
-    config: Config
-    dtype: torch.dtype
-    signature: dict
-    constexprs: dict
-
-    @property
-    def label(self) -> str:
-        flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if not k.startswith("BLOCK_"))
-        return f"{self.kernel}[{self.config.name}] fp32 {flags}"
-
-
-def _signature(fn, pointers: dict) -> dict:
-    sig = {}
-    for i, name in enumerate(fn.arg_names):
-        if fn.params[i].is_constexpr:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def kernel_variants() -> Iterator[KernelVariant]:
     """Every (kernel, config, constexprs) the launchers can select on a GPU: 3 padded ranks × (rows kernel with
     and without the Eᵀ A accumulation, residual kernel)."""
@@ -253,6 +224,8 @@ def kernel_variants() -> Iterator[KernelVariant]:
         blocks = dict(BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_P=cfg.block_p)
         for update in (True, False):
             yield KernelVariant("nmf_rows", _nmf_rows_kernel, cfg, torch.float32,
-                                _signature(_nmf_rows_kernel, rows_ptrs), dict(UPDATE_BASIS=update, **blocks))
+                                triton_signature(_nmf_rows_kernel, rows_ptrs, scalars={"eps": "fp32"}),
+                                dict(UPDATE_BASIS=update, **blocks))
         yield KernelVariant("nmf_residual", _nmf_residual_kernel, cfg, torch.float32,
-                            _signature(_nmf_residual_kernel, res_ptrs), dict(blocks))
+                            triton_signature(_nmf_residual_kernel, res_ptrs, scalars={"eps": "fp32"}),
+                            dict(blocks))

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prototype_distances import Config, KernelVariant
+from .prototype_distances import Config, KernelVariant, triton_signature
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS_A = 1e-12
@@ -263,43 +263,25 @@ def pipnet_backward(grad_pooled: Tensor, grad_align: Tensor, features: Tensor, l
 
 
 # --------------------------------------------------------------------------------------------- enumeration
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _signature(fn, dtype: torch.dtype, pointers: dict) -> dict:
-    """``pointers``: argument -> "input" (the features' dtype), "f32" or "i64"; "scale" is fp32; other arguments
-    are i32 sizes."""
-    elem = {"input": _TRITON_DTYPES[dtype], "f32": "fp32", "i64": "i64"}
-    sig = {}
-    for i, name in enumerate(fn.arg_names):
-        if fn.params[i].is_constexpr:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + elem[pointers[name]]
-        elif name == "scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def kernel_variants() -> Iterator[KernelVariant]:
     """Every (kernel, config, dtype, ALIGN) the launchers can select on a GPU (5 per dtype, 15 in all)."""
+    scalars = {"scale": "fp32"}
     for dtype in SUPPORTED_DTYPES:
         cfg = CONFIGS["lse"]
         for align in (False, True):
             yield KernelVariant("pipnet_lse", _lse_kernel, cfg, dtype,
-                                _signature(_lse_kernel, dtype, {"A": "input", "LSE": "f32", "DOT": "f32"}),
+                                triton_signature(_lse_kernel, {"A": "input", "LSE": "f32", "DOT": "f32"}, dtype,
+                                                 scalars),
                                 dict(ALIGN=align, BLOCK_D=cfg.block_k, BLOCK_N=cfg.block_n))
         cfg = CONFIGS["pool"]
         yield KernelVariant("pipnet_pool", _pool_kernel, cfg, dtype,
-                            _signature(_pool_kernel, dtype, {"A": "input", "LSE": "f32", "POOLED": "f32",
-                                                             "ARGMAX": "i64"}),
+                            triton_signature(_pool_kernel, {"A": "input", "LSE": "f32", "POOLED": "f32",
+                                                            "ARGMAX": "i64"}, dtype, scalars),
                             dict(BLOCK_D=cfg.block_k, BLOCK_N=cfg.block_n))
         cfg = CONFIGS["backward"]
         for align in (False, True):
             yield KernelVariant("pipnet_backward", _backward_kernel, cfg, dtype,
-                                _signature(_backward_kernel, dtype, {"G": "f32", "GA": "f32", "A": "input", "LSE": "f32",
-                                                                     "POOLED": "f32", "ARGMAX": "i64",
-                                                                     "DOT": "f32", "GRAD": "input"}),
+                                triton_signature(_backward_kernel, {"G": "f32", "GA": "f32", "A": "input",
+                                                                    "LSE": "f32", "POOLED": "f32", "ARGMAX": "i64",
+                                                                    "DOT": "f32", "GRAD": "input"}, dtype, scalars),
                                 dict(ALIGN=align, BLOCK_D=cfg.block_k, BLOCK_N=cfg.block_n))

@@ -505,18 +505,22 @@ class KernelVariant:
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _signature(fn, dtype: torch.dtype, pointers: dict) -> dict:
-    """Triton signature of ``fn``: ``pointers`` maps pointer arguments to "input" (X/P dtype), "f32" or "i64";
-    other non-constexpr arguments are i32 (sizes and strides below 2³¹, as the runtime specialises them)."""
+def triton_signature(fn, pointers: dict, dtype: torch.dtype = torch.float32, scalars: dict | None = None) -> dict:
+    """Triton signature of ``fn`` for the AOT gate (shared by every kernel family): ``pointers`` maps pointer
+    arguments to "input" (the inputs' ``dtype``), "f32", "i64", or a literal Triton pointer type ("*i8");
+    ``scalars`` maps scalar arguments to a Triton type ("fp32"); constexpr arguments are "constexpr" and every
+    other argument is i32 (sizes and strides below 2³¹, as the runtime specialises them)."""
     elem = {"input": _TRITON_DTYPES[dtype], "f32": "fp32", "i64": "i64"}
+    scalars = scalars or {}
     sig = {}
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
             sig[name] = "constexpr"
         elif name in pointers:
-            sig[name] = "*" + elem[pointers[name]]
+            kind = pointers[name]
+            sig[name] = kind if kind.startswith("*") else "*" + elem[kind]
         else:
-            sig[name] = "i32"
+            sig[name] = scalars.get(name, "i32")
     return sig
 
 
@@ -535,18 +539,18 @@ def kernel_variants() -> Iterator[KernelVariant]:
                                                   {"OUT": "f32"})):
                     for cfg in configs:
                         yield KernelVariant(kernel, fn, cfg, dtype,
-                                            _signature(fn, dtype, {"X": "input", "P": "input", **out}),
+                                            triton_signature(fn, {"X": "input", "P": "input", **out}, dtype),
                                             dict(COSINE=cosine, DOT_PRECISION=precision, BLOCK_N=cfg.block_n,
                                                  BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k))
             backward_pointers = {"GRAD": "f32", "X": "input", "P": "input", "VALUES": "f32", "ARGMIN": "i64"}
             for cfg in BWD_X_CONFIGS[cls]:
                 fn = _min_distances_bwd_x_kernel
                 yield KernelVariant("min_distances_bwd_x", fn, cfg, dtype,
-                                    _signature(fn, dtype, {**backward_pointers, "GRAD_X": "input"}),
+                                    triton_signature(fn, {**backward_pointers, "GRAD_X": "input"}, dtype),
                                     dict(COSINE=cosine, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
                                          BLOCK_K=cfg.block_k))
             for cfg in BWD_P_CONFIGS[cls]:
                 fn = _min_distances_bwd_p_kernel
                 yield KernelVariant("min_distances_bwd_p", fn, cfg, dtype,
-                                    _signature(fn, dtype, {**backward_pointers, "GRAD_P": "input"}),
+                                    triton_signature(fn, {**backward_pointers, "GRAD_P": "input"}, dtype),
                                     dict(COSINE=cosine, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k))
