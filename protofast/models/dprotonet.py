@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import protofast
 
-from .protopnet import ProtoPNet, _feature_shape, build_backbone, check_loss_inputs
+from .protopnet import ProtoPNet, _feature_shape, check_loss_inputs
 
 __all__ = ["DProtoNet", "ShapingNet", "PushView"]
 
@@ -249,12 +249,6 @@ class DProtoNet(ProtoPNet):
                     masks_trainable=self.masks_trainable, mask_seed=self.mask_seed, epsilon=self.epsilon,
                     cluster_mode=self.cluster_mode, sep_sign=self.sep_sign, coefs=dict(self.coefs),
                     incorrect_strength=self.incorrect_strength)
-
-    @classmethod
-    def from_config(cls, config: dict, backbone: Optional[nn.Module] = None) -> "DProtoNet":
-        config = dict(config)
-        spec = config.pop("backbone")
-        return cls(backbone if backbone is not None else build_backbone(spec), **config)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, prototypes={self.num_prototypes}, masks={self.num_masks}, "
