@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--weight-shrink", type=float, metavar="S",
                          help="pipnet: subtracted from every classifier weight after each step (default 5e-3: the "
                               "original's 1e-3 sums to ~5.6 over its ~5600 CUB steps, 5e-3 to ~3.7 over 744 here)")
+    p_train.add_argument("--part-sets", action="store_true",
+                         help="pipnet: train on protofast.pipnet_train.SyntheticPartSets (8 classes, one part each at "
+                              "a random place; SmallCNN without coordinates) instead of SyntheticParts")
     p_train.set_defaults(func=cmd_train)
     return parser
 

@@ -185,3 +185,47 @@ def test_cli_smoke(tmp_path, capsys):
     assert config["model"]["num_prototypes"] == 8 and config["model"]["weight_shrink"] == 0.01
     assert set(config["noise"]) == {"background", "uniform"}
     assert 0 <= config["noise"]["uniform"]["fpr_at_95_tpr"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_synthetic_part_sets_classes_are_part_sets_at_random_places():
+    from protofast.pipnet_train import SyntheticPartSets
+
+    d = SyntheticPartSets(144, num_classes=6, num_parts=5, parts_per_class=2, seed=3, split="train")
+    assert d.images.shape == (144, 3, 32, 32) and d.num_classes == 6 and len(d) == 144
+    assert len(set(d.class_part_sets)) == 6 and all(len(s) == 2 for s in d.class_part_sets)
+    assert torch.equal(d.labels.bincount(), torch.full((6,), 24))          # 144 = 2 × 6 classes × 12 layouts
+    regions = {k: set() for k in range(6)}
+    for i in range(144):
+        boxes = d.part_locations(i)
+        k = int(d.labels[i])
+        class_boxes = boxes[boxes[:, 0] < d.num_parts]
+        assert set(class_boxes[:, 0].tolist()) == set(d.class_part_sets[k])   # the class's parts, nothing else
+        for p, top, left, _, _ in class_boxes.tolist():
+            regions[k].add((p, (top // 16) * 2 + left // 16))
+    assert all(len(r) == 8 for r in regions.values())                     # each part seen in all 4 quadrants
+    assert d.config()["num_classes"] == 6 and "SyntheticPartSets(" in repr(d)
+    again = SyntheticPartSets(**d.config())
+    assert torch.equal(again.images, d.images) and torch.equal(again.labels, d.labels)
+    test = SyntheticPartSets(24, num_classes=6, num_parts=5, seed=3, split="test")
+    assert test.class_part_sets == d.class_part_sets and not torch.equal(test.images, d.images[:24])
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticPartSets(10, num_classes=11, num_parts=5, parts_per_class=2)
+    with pytest.raises(ValueError, match="parts_per_class"):
+        SyntheticPartSets(10, parts_per_class=5)
+
+
+def test_cli_part_sets_uses_the_part_set_data_and_no_coordinates(tmp_path, capsys):
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "pipnet", "--part-sets", "--epochs", "1", "--train-size", "64", "--test-size", "32",
+                   "--batch-size", "32", "--num-prototypes", "8", "--threads", "1", "--backbone-warmup-epochs", "1",
+                   "--no-progress", "--no-figure", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert rc == 0 and "SyntheticPartSets(" in text and "8 classes" in text and "no coordinate channels" in text
+    config = json.load(open(out / "config.json"))
+    assert config["model"]["backbone"]["kwargs"]["coords"] is False and config["model"]["num_classes"] == 8
+    assert config["train"]["part_sets"] is True
