@@ -2,7 +2,7 @@
 //
 // Operators (namespace protofast_cpu, added to the library that prototype_distances.cpp defines):
 //
-//   nmf_step(A[K,n,D], lengths[K], E[K,n,p]!, B[K,p,D]!, active[K], eps, update_basis, gram, a_sq[K])
+//   nmf_step(A[K,n,D], lengths[K], E[K,n,p]!, B[K,p,D]!, active[K], eps, update_basis, gram, a_sq[K], inner=1)
 //       -> gram_sq [K] float64 (empty unless gram)
 //     One multiplicative update of every active class, in place:
 //       E ← E ⊙ (A Bᵀ) / (E B Bᵀ),  then  B ← B ⊙ (Eᵀ A) / (Eᵀ E B)   (denominator entries == 0 become eps)
@@ -11,7 +11,10 @@
 //     tiles' partials are summed in tile order and B is updated once. Nothing n×D besides A is written or read.
 //     With gram: ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ of the new factors, in double (a_sq = ‖A‖² per class).
 //     update_basis = false: B is fixed (nmf_encode), only E is updated.
-//   nmf_run(A, lengths, E!, B!, max_iter, tol, check_every, eps, update_basis, squared, gram) -> (n_iter, err)
+//     inner > 1 (accelerated MU, Gillis & Glineur 2012): each row's E rule is applied `inner` times with its
+//     A_i Bᵀ and B Bᵀ fixed, then the B rule `inner` times with Eᵀ A and Eᵀ E fixed; still one pass over A.
+//   nmf_run(A, lengths, E!, B!, max_iter, tol, check_every, eps, update_basis, squared, gram, inner=1)
+//       -> (n_iter, err)
 //     The whole factorisation: each class runs its update loop with DFF's stopping rule on one thread (classes
 //     in parallel), bitwise the same as calling nmf_step / nmf_residual update by update.
 //   nmf_residual(A, lengths, E, B, active) -> [K] float64: ‖A_k − E_k B_k‖²_F of the active classes (0 for the
@@ -97,8 +100,8 @@ constexpr int64_t kCols = 4;  // B rows (prototypes) per register block of the d
 // to Eᵀ A (p×D) and Eᵀ E (p×p). Every row's arithmetic is the same sequence as for R = 1 (bitwise equal results).
 template <typename T, int64_t R>
 inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __restrict__ Bk,
-                        const T* __restrict__ BBk, int64_t p, int64_t D, T eps, T* __restrict__ EA,
-                        T* __restrict__ EE) {
+                        const T* __restrict__ BBk, int64_t p, int64_t D, T eps, int64_t inner,
+                        T* __restrict__ EA, T* __restrict__ EE) {
   T ab[R][kMaxRank];
   T en[R][kMaxRank];
   // A_i Bᵀ: R rows × kCols B rows at a time, each dot in kLanes accumulators; every (row, B row) dot is the
@@ -133,14 +136,17 @@ inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __r
       ab[r][j] = s;
     }
   }
+  // `inner` E updates of each row with A_i Bᵀ and B Bᵀ fixed (accelerated MU; inner = 1: Lee–Seung)
   for (int64_t r = 0; r < R; ++r) {
     T* Ei = e + r * p;
-    for (int64_t j = 0; j < p; ++j) {
-      T den = 0;
-      for (int64_t l = 0; l < p; ++l) den += Ei[l] * BBk[l * p + j];
-      en[r][j] = Ei[j] * ab[r][j] / guard(den, eps);
+    for (int64_t it = 0; it < inner; ++it) {
+      for (int64_t j = 0; j < p; ++j) {
+        T den = 0;
+        for (int64_t l = 0; l < p; ++l) den += Ei[l] * BBk[l * p + j];
+        en[r][j] = Ei[j] * ab[r][j] / guard(den, eps);
+      }
+      for (int64_t j = 0; j < p; ++j) Ei[j] = en[r][j];
     }
-    for (int64_t j = 0; j < p; ++j) Ei[j] = en[r][j];
   }
   if (EA == nullptr) return;
   // Eᵀ A += Σ_r e_r ⊗ a_r, kCols rows of Eᵀ A per sweep over the R rows of A (each element: the same sequence)
@@ -177,20 +183,21 @@ void basis_gram(const T* Bk, int64_t p, int64_t D, T* BB) {
 // Eᵀ A (p×D) followed by Eᵀ E (p×p) are written there.
 template <typename T>
 void tile_update(const T* Ak, T* Ek, const T* Bk, const T* BB, int64_t r0, int64_t r1, int64_t p, int64_t D, T eps,
-                 T* part) {
+                 int64_t inner, T* part) {
   T* EA = part;
   T* EE = part ? part + p * D : nullptr;
   if (part) std::fill(part, part + p * D + p * p, T(0));
   int64_t i = r0;
-  for (; i + kRows <= r1; i += kRows) update_rows<T, kRows>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, EA, EE);
-  for (; i < r1; ++i) update_rows<T, 1>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, EA, EE);
+  for (; i + kRows <= r1; i += kRows)
+    update_rows<T, kRows>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, inner, EA, EE);
+  for (; i < r1; ++i) update_rows<T, 1>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, inner, EA, EE);
 }
 
 // Sum a class's `count` tile partials (contiguous, in tile order), update B (unless fixed) and return the
 // Gram-form squared error ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ in double (when gram; else 0).
 template <typename T>
-double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t D, T eps, bool update_basis,
-                    bool gram, double a_sq, T* sum, T* den) {
+double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t D, T eps, int64_t inner,
+                    bool update_basis, bool gram, double a_sq, T* sum, T* den) {
   const int64_t part = p * D + p * p;
   std::copy(partials, partials + part, sum);
   for (int64_t t = 1; t < count; ++t) {
@@ -199,7 +206,8 @@ double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t 
   }
   const T* EA = sum;
   const T* EE = sum + p * D;
-  if (update_basis) {  // den = (Eᵀ E) B, then B ← B ⊙ (Eᵀ A) / den
+  // `inner` times (accelerated MU; 1: Lee–Seung): den = (Eᵀ E) B, then B ← B ⊙ (Eᵀ A) / den
+  for (int64_t it = 0; update_basis && it < inner; ++it) {
     std::fill(den, den + p * D, T(0));
     for (int64_t j = 0; j < p; ++j)
       for (int64_t l = 0; l < p; ++l) {
@@ -259,7 +267,8 @@ inline int64_t n_tiles(int64_t n) { return n == 0 ? 1 : (n + kTileRows - 1) / kT
 // ---------------------------------------------------------------------------------- nmf_step: one update
 template <typename T>
 at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t,
-                     const bool* active, double eps_d, bool update_basis, bool gram, const at::Tensor& a_sq_t) {
+                     const bool* active, double eps_d, int64_t inner, bool update_basis, bool gram,
+                     const at::Tensor& a_sq_t) {
   const int64_t K = A_t.size(0), n_max = A_t.size(1), D = A_t.size(2), p = B_t.size(1);
   const T eps = static_cast<T>(eps_d);
   const T* A = A_t.data_ptr<T>();
@@ -283,7 +292,7 @@ at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& 
     for (int64_t t = t0; t < t1; ++t) {
       const Task task = tasks[t];
       tile_update(A + task.k * n_max * D, E + task.k * n_max * p, B + task.k * p * D, BB.data() + task.k * p * p,
-                  task.r0, task.r1, p, D, eps, accumulate ? partial.data() + t * part : nullptr);
+                  task.r0, task.r1, p, D, eps, inner, accumulate ? partial.data() + t * part : nullptr);
     }
   });
 
@@ -295,7 +304,7 @@ at::Tensor step_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& 
     std::vector<T> sum(part), den(p * D);
     for (int64_t k = k0; k < k1; ++k) {
       if (!active[k]) continue;
-      const double g = class_finish(partial.data() + first[k] * part, count[k], B + k * p * D, p, D, eps,
+      const double g = class_finish(partial.data() + first[k] * part, count[k], B + k * p * D, p, D, eps, inner,
                                     update_basis, gram, gram ? a_sq[k] : 0.0, sum.data(), den.data());
       if (gram) gsq[k] = g;
     }
@@ -335,8 +344,8 @@ void residual_impl(const at::Tensor& A_t, const int64_t* lengths, const at::Tens
 // reduction order, the same double comparisons), so results are bitwise those of the step-by-step loop.
 template <typename T>
 void run_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at::Tensor& B_t, int64_t max_iter,
-              double tol, int64_t check_every, double eps_d, bool update_basis, bool squared, bool gram,
-              int64_t* n_iter_out, double* err_out) {
+              double tol, int64_t check_every, double eps_d, int64_t inner, bool update_basis, bool squared,
+              bool gram, int64_t* n_iter_out, double* err_out) {
   const int64_t K = A_t.size(0), n_max = A_t.size(1), D = A_t.size(2), p = B_t.size(1);
   const T eps = static_cast<T>(eps_d);
   const T* A = A_t.data_ptr<T>();
@@ -372,11 +381,11 @@ void run_impl(const at::Tensor& A_t, const int64_t* lengths, at::Tensor& E_t, at
         basis_gram(Bk, p, D, BB.data());
         for (int64_t tile = 0; tile < tiles; ++tile)
           tile_update(Ak, Ek, Bk, BB.data(), tile * kTileRows, std::min(n, (tile + 1) * kTileRows), p, D, eps,
-                      accumulate ? partial.data() + tile * part : nullptr);
+                      inner, accumulate ? partial.data() + tile * part : nullptr);
         double g = 0;
         if (accumulate)
-          g = class_finish(partial.data(), tiles, Bk, p, D, eps, update_basis, gram && check, a_sq, sum.data(),
-                           den.data());
+          g = class_finish(partial.data(), tiles, Bk, p, D, eps, inner, update_basis, gram && check, a_sq,
+                           sum.data(), den.data());
         done = t + 1;
         if (check) {
           const double err = to_err(gram ? g : residual());
@@ -410,33 +419,36 @@ void check_common(const at::Tensor& A, const at::Tensor& lengths, const at::Tens
 }  // namespace
 
 at::Tensor nmf_step(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E, at::Tensor B,
-                    const at::Tensor& active, double eps, bool update_basis, bool gram, const at::Tensor& a_sq) {
+                    const at::Tensor& active, double eps, bool update_basis, bool gram, const at::Tensor& a_sq,
+                    int64_t inner) {
   check_common(A, lengths, E, B, active);
+  TORCH_CHECK(inner >= 1, "nmf_step: inner must be >= 1");
   TORCH_CHECK(B.size(1) <= kMaxRank, "nmf_step: rank must be <= ", kMaxRank, " for the C++ kernel");
   if (gram)
     TORCH_CHECK(a_sq.dim() == 1 && a_sq.size(0) == A.size(0) && a_sq.scalar_type() == at::kDouble &&
                     a_sq.is_contiguous(), "nmf_step: a_sq must be a contiguous float64 [K] tensor");
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_step", [&] {
-    out = step_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, active.data_ptr<bool>(), eps, update_basis,
-                              gram, a_sq);
+    out = step_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, active.data_ptr<bool>(), eps, inner,
+                              update_basis, gram, a_sq);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> nmf_run(const at::Tensor& A, const at::Tensor& lengths, at::Tensor E, at::Tensor B,
                                            int64_t max_iter, double tol, int64_t check_every, double eps,
-                                           bool update_basis, bool squared, bool gram) {
+                                           bool update_basis, bool squared, bool gram, int64_t inner) {
   at::Tensor active = at::empty({A.size(0)}, A.options().dtype(at::kBool));
   std::fill(active.data_ptr<bool>(), active.data_ptr<bool>() + A.size(0), true);
   check_common(A, lengths, E, B, active);
   TORCH_CHECK(B.size(1) <= kMaxRank, "nmf_run: rank must be <= ", kMaxRank, " for the C++ kernel");
-  TORCH_CHECK(max_iter >= 0 && check_every >= 1, "nmf_run: max_iter >= 0 and check_every >= 1");
+  TORCH_CHECK(max_iter >= 0 && check_every >= 1 && inner >= 1,
+              "nmf_run: max_iter >= 0, check_every >= 1 and inner >= 1");
   at::Tensor n_iter = at::zeros({A.size(0)}, A.options().dtype(at::kLong));
   at::Tensor err = at::zeros({A.size(0)}, A.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "nmf_run", [&] {
-    run_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, max_iter, tol, check_every, eps, update_basis, squared,
-                       gram, n_iter.data_ptr<int64_t>(), err.data_ptr<double>());
+    run_impl<scalar_t>(A, lengths.data_ptr<int64_t>(), E, B, max_iter, tol, check_every, eps, inner, update_basis,
+                       squared, gram, n_iter.data_ptr<int64_t>(), err.data_ptr<double>());
   });
   return {n_iter, err};
 }
@@ -478,10 +490,10 @@ at::Tensor nmf_sq_norms(const at::Tensor& A, const at::Tensor& lengths) {
 TORCH_LIBRARY_FRAGMENT(protofast_cpu, m) {
   m.def(
       "nmf_step(Tensor A, Tensor lengths, Tensor(a!) E, Tensor(b!) B, Tensor active, float eps, bool update_basis, "
-      "bool gram, Tensor a_sq) -> Tensor");
+      "bool gram, Tensor a_sq, int inner=1) -> Tensor");
   m.def(
       "nmf_run(Tensor A, Tensor lengths, Tensor(a!) E, Tensor(b!) B, int max_iter, float tol, int check_every, "
-      "float eps, bool update_basis, bool squared, bool gram) -> (Tensor, Tensor)");
+      "float eps, bool update_basis, bool squared, bool gram, int inner=1) -> (Tensor, Tensor)");
   m.def("nmf_residual(Tensor A, Tensor lengths, Tensor E, Tensor B, Tensor active) -> Tensor");
   m.def("nmf_sq_norms(Tensor A, Tensor lengths) -> Tensor");
 }

@@ -6,14 +6,14 @@ are padding and never read), E [K, n_max, p], B [K, p, D], ``active`` [K] bool (
     _nmf_rows_kernel      grid (⌈n_max/BLOCK_R⌉, K): one program owns BLOCK_R rows of one class. Pass 1 over D
                           (BLOCK_D columns at a time): A_tile Bᵀ with ``tl.dot`` ([BLOCK_R, BLOCK_P]); then the E
                           update of its rows E ← E ⊙ (A Bᵀ) / (E · B Bᵀ) (B Bᵀ [p, p] precomputed per class, zero
-                          denominators → eps), stored in place; with UPDATE_BASIS, pass 2 over D writes the tile's
+                          denominators → eps; applied ``inner`` times, accelerated MU), stored in place; with UPDATE_BASIS, pass 2 over D writes the tile's
                           partial Eᵀ A ([p, D]) and Eᵀ E ([p, p]) to its own slot of PART (no atomics; slots of
                           tiles past a class's length stay the launcher's zeros).
     _nmf_residual_kernel  grid (⌈n_max/BLOCK_R⌉, K): Σ of (A − E B)² over the program's rows (float32 partial per
                           tile), the residual formed tile by tile in registers.
 
 The launchers then finish in torch on [K, p, D]-sized tensors: tile partials summed in tile order, the B update
-B ← B ⊙ (Eᵀ A) / ((Eᵀ E) B) and the errors (float64). Nothing n×D besides A is read or written; per update A is
+B ← B ⊙ (Eᵀ A) / ((Eᵀ E) B) (``inner`` times) and the errors (float64). Nothing n×D besides A is read or written; per update A is
 read twice by the rows kernel (pass 2 re-reads the tile just read, normally from L2) — see docs/protonmf.md.
 p is padded to BLOCK_P (16, 32 or 64: ``tl.dot`` needs at least 16) with zero rows of B and zero columns of E.
 
@@ -71,7 +71,7 @@ def pick_config(rank: int) -> Config:
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _nmf_rows_kernel(A, E, B, BB, LENGTHS, ACTIVE, PART, n_max, D, p, n_tiles, eps,
+def _nmf_rows_kernel(A, E, B, BB, LENGTHS, ACTIVE, PART, n_max, D, p, n_tiles, eps, inner,
                      UPDATE_BASIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_P: tl.constexpr):
     tile = tl.program_id(0)
@@ -99,9 +99,10 @@ def _nmf_rows_kernel(A, E, B, BB, LENGTHS, ACTIVE, PART, n_max, D, p, n_tiles, e
         e_mask = row_ok[:, None] & p_ok[None, :]
         e = tl.load(e_ptr, mask=e_mask, other=0.0)
         bb = tl.load(BB + k.to(tl.int64) * BLOCK_P * BLOCK_P + cols_p[:, None] * BLOCK_P + cols_p[None, :])
-        den = tl.dot(e, bb, input_precision="ieee")
-        den = tl.where(den == 0.0, eps, den)
-        e = e * ab / den
+        for _ in range(inner):  # the E rule `inner` times with A Bᵀ and B Bᵀ fixed (1: Lee–Seung)
+            den = tl.dot(e, bb, input_precision="ieee")
+            den = tl.where(den == 0.0, eps, den)
+            e = e * ab / den
         tl.store(e_ptr, e, mask=e_mask)
         if UPDATE_BASIS:
             # pass 2: the tile's partial Eᵀ A [BLOCK_P, D] and Eᵀ E [BLOCK_P, BLOCK_P]
@@ -163,7 +164,7 @@ def _guard(den: Tensor, eps: float) -> Tensor:
 
 
 def nmf_step(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, active: Tensor, eps: float, update_basis: bool,
-             gram: bool = False, a_sq: Tensor | None = None) -> Tensor | None:
+             gram: bool = False, a_sq: Tensor | None = None, inner: int = 1) -> Tensor | None:
     """One multiplicative update of the active classes, E and B in place (``csrc/nmf.cpp`` ``nmf_step``). With
     ``gram``, returns ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ of the new factors (float64 [K], ``a_sq`` = ‖A‖²)."""
     _check(A, E, B)
@@ -179,7 +180,7 @@ def nmf_step(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, active: Tensor, e
         torch.empty(1, dtype=torch.float32, device=A.device)
     lengths = lengths.to(A.device, torch.int64).contiguous()
     act = active.to(A.device, torch.int8).contiguous()
-    _nmf_rows_kernel[(n_tiles, K)](A, E, B, BB, lengths, act, part, n_max, D, p, n_tiles, float(eps),
+    _nmf_rows_kernel[(n_tiles, K)](A, E, B, BB, lengths, act, part, n_max, D, p, n_tiles, float(eps), int(inner),
                                    UPDATE_BASIS=accumulate, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, BLOCK_P=P,
                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not accumulate:
@@ -189,7 +190,9 @@ def nmf_step(A: Tensor, lengths: Tensor, E: Tensor, B: Tensor, active: Tensor, e
     EE = total[:, p * D:].view(K, p, p)
     sel = active.to(A.device)
     if update_basis:
-        new_B = B * EA / _guard(torch.bmm(EE, B), eps)
+        new_B = B
+        for _ in range(inner):  # the B rule `inner` times with Eᵀ A and Eᵀ E fixed
+            new_B = new_B * EA / _guard(torch.bmm(EE, new_B), eps)
         B.copy_(torch.where(sel[:, None, None], new_B, B))
     if not gram:
         return None

@@ -204,6 +204,62 @@ def test_gram_error_close_to_streamed(nmf_backend):
     torch.testing.assert_close(g.err, s.err, rtol=1e-9, atol=1e-9)
 
 
+# --------------------------------------------------------------------------------------------- accelerated MU
+def test_reference_inner_updates_by_hand():
+    """inner_updates = m: the E rule m times with A Bᵀ, B Bᵀ fixed, then the B rule m times with Eᵀ A, Eᵀ E fixed;
+    m = 1 is the plain update; the error never increases from one inner step to the next."""
+    A = lowrank(25, 9, 3, 0.3, 12)
+    E0, B0 = R.init_factors(A, 3)
+    E1, B1 = R.multiplicative_update(A, E0, B0)
+    Ep, Bp = R.multiplicative_update(A, E0, B0, inner_updates=1)
+    assert torch.equal(E1, Ep) and torch.equal(B1, Bp)
+    E, errs = E0, [R.approximation_error(A, E0, B0)]
+    for _ in range(4):
+        E = E * (A @ B0.t()) / (E @ (B0 @ B0.t()))
+        errs.append(R.approximation_error(A, E, B0))
+    B = B0
+    for _ in range(4):
+        B = B * (E.t() @ A) / ((E.t() @ E) @ B)
+        errs.append(R.approximation_error(A, E, B))
+    E4, B4 = R.multiplicative_update(A, E0, B0, inner_updates=4)
+    torch.testing.assert_close(E4, E, rtol=1e-14, atol=0)
+    torch.testing.assert_close(B4, B, rtol=1e-14, atol=0)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:])), errs
+    # it reaches 200 plain updates' error in far fewer updates
+    plain = R.nmf(A, 3, max_iter=200, tol=0, E0=E0, B0=B0)
+    fast = R.nmf(A, 3, max_iter=40, tol=0, E0=E0, B0=B0, inner_updates=10)
+    assert fast.err <= plain.err * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("kw", [dict(tol=1e-3), dict(tol=0, max_iter=25, error_mode="gram"),
+                                dict(tol=1e-3, check_every=3, stop_error="fro_squared")])
+def test_batched_inner_updates_match_reference(nmf_backend, kw):
+    """Values and the stop iteration per class against the float64 reference with the same inner_updates."""
+    classes = ragged_classes()
+    r = protofast.batched_nmf(classes, 3, inner_updates=3, **kw)
+    ref_kw = {k: v for k, v in kw.items() if k != "error_mode"}
+    check_against_reference(classes, 3, r, rtol=1e-8, atol=1e-10, inner_updates=3, **ref_kw)
+    plain = protofast.batched_nmf(classes, 3, inner_updates=1, **kw)
+    assert not torch.equal(plain.B, r.B)
+
+
+def test_inner_updates_encode_and_run_path(nmf_backend, monkeypatch):
+    """Fixed basis (only the E rule repeats) and, on the C++ backend, the update-by-update loop equals the
+    whole-loop-per-class path bitwise with inner_updates > 1."""
+    classes = ragged_classes()[:3]
+    basis = torch.rand(3, 16, dtype=torch.float64) + 0.1
+    r = protofast.nmf_encode(classes, basis, tol=0, max_iter=6, inner_updates=4)
+    for k, a in enumerate(classes):
+        ref = R.nmf(a, 3, tol=0, max_iter=6, fixed_basis=basis, inner_updates=4)
+        torch.testing.assert_close(r.E[k, :a.shape[0]], ref.E, rtol=1e-9, atol=1e-12)
+    if nmf_backend == "cpp":
+        monkeypatch.setattr(N, "_RUN_CLASSES_PER_THREAD", 10**9)
+        step = protofast.batched_nmf(classes, 3, tol=1e-3, inner_updates=5)
+        monkeypatch.setattr(N, "_RUN_CLASSES_PER_THREAD", 0)
+        run = protofast.batched_nmf(classes, 3, tol=1e-3, inner_updates=5)
+        assert torch.equal(step.E, run.E) and torch.equal(step.B, run.B) and torch.equal(step.n_iter, run.n_iter)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs():
     a = lowrank(6, 4, 1, 0.1, 0)
@@ -213,6 +269,10 @@ def test_bad_inputs():
         protofast.batched_nmf([a], 0)
     with pytest.raises(ValueError, match="tol"):
         protofast.batched_nmf([a], 1, tol=-1)
+    with pytest.raises(ValueError, match="inner_updates"):
+        protofast.batched_nmf([a], 1, inner_updates=0)
+    with pytest.raises(TypeError, match="inner_updates"):
+        protofast.batched_nmf([a], 1, inner_updates=2.0)
     with pytest.raises(ValueError, match="eps"):
         protofast.batched_nmf([a], 1, eps=0)
     with pytest.raises(ValueError, match="check_every"):

@@ -20,6 +20,11 @@ uses the NMF code of edocollins/DFF; this module is a plain, readable float64-ca
   (DFF's 0/0 would be NaN and run to max_iter doing nothing; the factors are the same zeros either way).
 - ``fixed_basis`` (encode new data against given prototypes, ``nmf_encode``): B is not drawn and not updated,
   only E is (A Bᵀ and B Bᵀ are then constants).
+- ``inner_updates`` = m > 1 (not in DFF; accelerated MU of Gillis & Glineur, Neural Computation 2012): within one
+  update, the E rule is applied m times with A Bᵀ and B Bᵀ computed once, then the B rule m times with Eᵀ A and
+  Eᵀ E computed once. Each inner step is the Lee–Seung step for that factor (the error never increases), and the
+  extra steps cost O((n + D) p²) against the O(n D p) of the products with A, so an update makes more progress for
+  almost the same time. m = 1 (the default) is DFF's update.
 
 Returns (E, B, err, n_iter): the factors, the final error (in the ``stop_error`` measure) and the number of
 updates performed.
@@ -69,19 +74,24 @@ def _guard(den: Tensor, eps: float) -> Tensor:
     return torch.where(den == 0, torch.full_like(den, eps), den)
 
 
-def multiplicative_update(A: Tensor, E: Tensor, B: Tensor, eps: float = 1e-7,
-                          update_basis: bool = True) -> tuple[Tensor, Tensor]:
-    """One update: E ← E ⊙ (A Bᵀ)/(E B Bᵀ), then (with the new E) B ← B ⊙ (Eᵀ A)/(Eᵀ E B)."""
-    E = E * (A @ B.t()) / _guard(E @ (B @ B.t()), eps)
+def multiplicative_update(A: Tensor, E: Tensor, B: Tensor, eps: float = 1e-7, update_basis: bool = True,
+                          inner_updates: int = 1) -> tuple[Tensor, Tensor]:
+    """One update: E ← E ⊙ (A Bᵀ)/(E B Bᵀ), then (with the new E) B ← B ⊙ (Eᵀ A)/(Eᵀ E B); with
+    ``inner_updates`` = m each rule m times, its products with A (and the Gram matrix of the other factor) fixed."""
+    AB, BB = A @ B.t(), B @ B.t()
+    for _ in range(inner_updates):
+        E = E * AB / _guard(E @ BB, eps)
     if update_basis:
-        B = B * (E.t() @ A) / _guard((E.t() @ E) @ B, eps)
+        EA, EE = E.t() @ A, E.t() @ E
+        for _ in range(inner_updates):
+            B = B * EA / _guard(EE @ B, eps)
     return E, B
 
 
 def nmf(A: Tensor, rank: int, max_iter: int = 200, tol: float = 1e-4, check_every: int = 10, eps: float = 1e-7,
         clip_negative: bool = True, seed: int = 0, init: str = "abs_gaussian", stop_error: str = "fro",
         fixed_basis: Optional[Tensor] = None, E0: Optional[Tensor] = None,
-        B0: Optional[Tensor] = None) -> NMFResult:
+        B0: Optional[Tensor] = None, inner_updates: int = 1) -> NMFResult:
     """NMF of one class's feature matrix A (n, D) ≈ E (n, p) B (p, D) (module docstring for the rules).
 
     ``E0``/``B0`` replace the random initialisation (tests start the reference and an op from the same factors).
@@ -101,7 +111,7 @@ def nmf(A: Tensor, rank: int, max_iter: int = 200, tol: float = 1e-4, check_ever
     err = err0
     n_iter = 0
     for t in range(max_iter):
-        E, B = multiplicative_update(A, E, B, eps, update_basis)
+        E, B = multiplicative_update(A, E, B, eps, update_basis, inner_updates)
         n_iter = t + 1
         if tol > 0 and t % check_every == 0:
             err = approximation_error(A, E, B, stop_error)

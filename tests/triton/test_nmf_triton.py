@@ -27,20 +27,20 @@ def padded(classes, dtype=torch.float32):
     return A.contiguous(), lengths
 
 
-@pytest.mark.parametrize("rank", [1, 3, 17])
+@pytest.mark.parametrize("rank,inner", [(1, 1), (3, 1), (17, 1), (3, 4)])
 @pytest.mark.parametrize("update_basis", [True, False])
-def test_step_matches_torch(rank, update_basis):
+def test_step_matches_torch(rank, inner, update_basis):
     # row counts around the 16-row interpreter tile, D not a multiple of the 16-column block
     classes = [lowrank(n, 21, 2, 0.2, n) for n in (1, 15, 16, 17, 33)]
     A, lengths = padded(classes)
     E, B = N.initial_factors(A, lengths, rank)
     active = torch.tensor([True, True, False, True, True])
     E1, B1 = E.clone(), B.clone()
-    tk.nmf_step(A, lengths, E1, B1, active, 1e-7, update_basis)
+    tk.nmf_step(A, lengths, E1, B1, active, 1e-7, update_basis, inner=inner)
     E2, B2 = E.clone(), B.clone()
     idx = active.nonzero().squeeze(1)
     Ea, Ba = E2[idx].clone(), B2[idx].clone()
-    N._step_torch(A[idx], Ea, Ba, 1e-7, update_basis, False, None)
+    N._step_torch(A[idx], Ea, Ba, 1e-7, update_basis, False, None, inner)
     E2[idx], B2[idx] = Ea, Ba
     torch.testing.assert_close(E1, E2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(B1, B2, rtol=1e-5, atol=1e-6)
