@@ -96,16 +96,19 @@ constexpr int64_t kMaxRank = 64;
 // nothing is fused implicitly): the same results on every path that shares these helpers.
 constexpr int64_t kCols = 4;  // B rows (prototypes) per register block of the dots and of the Eᵀ A update
 
-// E update of R consecutive rows a[R][D] (E rows e[R][p], in place) and, when EA != nullptr, their contribution
-// to Eᵀ A (p×D) and Eᵀ E (p×p). Every row's arithmetic is the same sequence as for R = 1 (bitwise equal results).
+constexpr int64_t kChunk = 16;  // rows whose E updates run together, vectorised across the rows
+
+// kChunk values of T as one GCC vector (one AVX-512 register of float, two of double): lane i = row i of a chunk.
+template <typename T>
+struct ChunkVec {
+  typedef T type __attribute__((vector_size(kChunk * sizeof(T))));
+};
+
+// A_i Bᵀ of R consecutive rows a[R][D] into ab[r][j]: R rows × kCols B rows at a time, each dot in kLanes
+// accumulators; every (row, B row) dot is the same sequence of operations whatever the blocking.
 template <typename T, int64_t R>
-inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __restrict__ Bk,
-                        const T* __restrict__ BBk, int64_t p, int64_t D, T eps, int64_t inner,
-                        T* __restrict__ EA, T* __restrict__ EE) {
-  T ab[R][kMaxRank];
-  T en[R][kMaxRank];
-  // A_i Bᵀ: R rows × kCols B rows at a time, each dot in kLanes accumulators; every (row, B row) dot is the
-  // same sequence of operations whatever the blocking.
+inline void row_dots(const T* __restrict__ a, const T* __restrict__ Bk, int64_t p, int64_t D,
+                     T (*__restrict__ ab)[kMaxRank]) {
   int64_t j0 = 0;
   for (; j0 + kCols <= p; j0 += kCols) {
     T acc[R][kCols][kLanes] = {};
@@ -113,7 +116,8 @@ inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __r
     for (; d + kLanes <= D; d += kLanes)
       for (int64_t r = 0; r < R; ++r)
         for (int64_t jj = 0; jj < kCols; ++jj)
-          for (int64_t l = 0; l < kLanes; ++l) acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
+          for (int64_t l = 0; l < kLanes; ++l)
+            acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t jj = 0; jj < kCols; ++jj) {
         T s = 0;
@@ -136,39 +140,72 @@ inline void update_rows(const T* __restrict__ a, T* __restrict__ e, const T* __r
       ab[r][j] = s;
     }
   }
-  // `inner` E updates of each row with A_i Bᵀ and B Bᵀ fixed (accelerated MU; inner = 1: Lee–Seung)
-  for (int64_t r = 0; r < R; ++r) {
-    T* Ei = e + r * p;
-    for (int64_t it = 0; it < inner; ++it) {
-      for (int64_t j = 0; j < p; ++j) {
-        T den = 0;
-        for (int64_t l = 0; l < p; ++l) den += Ei[l] * BBk[l * p + j];
-        en[r][j] = Ei[j] * ab[r][j] / guard(den, eps);
-      }
-      for (int64_t j = 0; j < p; ++j) Ei[j] = en[r][j];
-    }
-  }
-  if (EA == nullptr) return;
-  // Eᵀ A += Σ_r e_r ⊗ a_r, kCols rows of Eᵀ A per sweep over the R rows of A (each element: the same sequence)
+}
+
+// Eᵀ A += Σ_r e_r ⊗ a_r over R consecutive rows a[R][D] whose new E rows are eT[j][i0 + r] (kCols rows of Eᵀ A
+// per sweep over the R rows of A; each element: the same sequence), and the upper triangle of Eᵀ E (l ≥ j).
+template <typename T, int64_t R, typename V = typename ChunkVec<T>::type>
+inline void accumulate_rows(const T* __restrict__ a, const V* __restrict__ eT, int64_t i0, int64_t p, int64_t D,
+                            T* __restrict__ EA, T* __restrict__ EE) {
   int64_t j = 0;
   for (; j + kCols <= p; j += kCols)
     for (int64_t d = 0; d < D; ++d)
       for (int64_t jj = 0; jj < kCols; ++jj) {
         T v = EA[(j + jj) * D + d];
-        for (int64_t r = 0; r < R; ++r) v = std::fma(en[r][j + jj], a[r * D + d], v);
+        for (int64_t r = 0; r < R; ++r) v = std::fma(eT[j + jj][i0 + r], a[r * D + d], v);
         EA[(j + jj) * D + d] = v;
       }
   for (; j < p; ++j) {
     T* row = EA + j * D;
     for (int64_t d = 0; d < D; ++d) {
       T v = row[d];
-      for (int64_t r = 0; r < R; ++r) v = std::fma(en[r][j], a[r * D + d], v);
+      for (int64_t r = 0; r < R; ++r) v = std::fma(eT[j][i0 + r], a[r * D + d], v);
       row[d] = v;
     }
   }
   for (int64_t jj = 0; jj < p; ++jj)
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t l = 0; l < p; ++l) EE[jj * p + l] += en[r][jj] * en[r][l];
+    for (int64_t l = jj; l < p; ++l) {
+      T v = EE[jj * p + l];
+      for (int64_t r = 0; r < R; ++r) v += eT[jj][i0 + r] * eT[l][i0 + r];
+      EE[jj * p + l] = v;
+    }
+}
+
+// E update of `rows` ≤ kChunk consecutive rows a[rows][D] (E rows e[rows][p], in place) and, when EA != nullptr,
+// their contribution to Eᵀ A (p×D) and the upper triangle of Eᵀ E (p×p). The E rule runs `inner` times with the
+// rows' A_i Bᵀ and B Bᵀ fixed (accelerated MU; inner = 1: Lee–Seung), vectorised across the chunk's rows (lanes
+// past `rows` hold zeros and are never stored). Every row's arithmetic is the same whatever its place in a chunk.
+template <typename T>
+inline void update_chunk(const T* __restrict__ a, T* __restrict__ e, int64_t rows, const T* __restrict__ Bk,
+                         const T* __restrict__ BBk, int64_t p, int64_t D, T eps, int64_t inner, T* __restrict__ EA,
+                         T* __restrict__ EE) {
+  alignas(64) T ab[kChunk][kMaxRank];
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) row_dots<T, kRows>(a + r * D, Bk, p, D, ab + r);
+  for (; r < rows; ++r) row_dots<T, 1>(a + r * D, Bk, p, D, ab + r);
+  typedef typename ChunkVec<T>::type V;
+  V abT[kMaxRank], eT[kMaxRank], den[kMaxRank];
+  for (int64_t j = 0; j < p; ++j)
+    for (int64_t i = 0; i < kChunk; ++i) {
+      abT[j][i] = i < rows ? ab[i][j] : T(0);
+      eT[j][i] = i < rows ? e[i * p + j] : T(0);
+    }
+  const V zero = {}, eps_v = zero + eps;
+  for (int64_t it = 0; it < inner; ++it) {
+    // den_j = Σ_l e_l (B Bᵀ)_lj for every j (mul, then add), then e_j ← e_j · (A Bᵀ)_j / den_j (0 → eps)
+    for (int64_t j = 0; j < p; ++j) den[j] = zero;
+    for (int64_t l = 0; l < p; ++l) {
+      const V el = eT[l];
+      for (int64_t j = 0; j < p; ++j) den[j] += el * BBk[l * p + j];
+    }
+    for (int64_t j = 0; j < p; ++j) eT[j] = eT[j] * abT[j] / (den[j] == zero ? eps_v : den[j]);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < p; ++j) e[i * p + j] = eT[j][i];
+  if (EA == nullptr) return;
+  r = 0;
+  for (; r + kRows <= rows; r += kRows) accumulate_rows<T, kRows>(a + r * D, eT, r, p, D, EA, EE);
+  for (; r < rows; ++r) accumulate_rows<T, 1>(a + r * D, eT, r, p, D, EA, EE);
 }
 
 // ---------------------------------------------------------------------------------- per-class building blocks
@@ -187,10 +224,11 @@ void tile_update(const T* Ak, T* Ek, const T* Bk, const T* BB, int64_t r0, int64
   T* EA = part;
   T* EE = part ? part + p * D : nullptr;
   if (part) std::fill(part, part + p * D + p * p, T(0));
-  int64_t i = r0;
-  for (; i + kRows <= r1; i += kRows)
-    update_rows<T, kRows>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, inner, EA, EE);
-  for (; i < r1; ++i) update_rows<T, 1>(Ak + i * D, Ek + i * p, Bk, BB, p, D, eps, inner, EA, EE);
+  for (int64_t i = r0; i < r1; i += kChunk)
+    update_chunk(Ak + i * D, Ek + i * p, std::min(kChunk, r1 - i), Bk, BB, p, D, eps, inner, EA, EE);
+  if (EE)  // Eᵀ E is symmetric: its lower triangle is the upper one
+    for (int64_t j = 0; j < p; ++j)
+      for (int64_t l = 0; l < j; ++l) EE[j * p + l] = EE[l * p + j];
 }
 
 // Sum a class's `count` tile partials (contiguous, in tile order), update B (unless fixed) and return the
@@ -240,6 +278,22 @@ double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t 
     const T* Ei = Ek + i * p;
     T acc[kLanes] = {};
     int64_t d = 0;
+    // kGroup column blocks at a time: independent chains over j (the p FMAs of one block are dependent), then
+    // the blocks' squares added to acc in column order, the same sequence as one block at a time
+    constexpr int64_t kGroup = 4;
+    for (; d + kGroup * kLanes <= D; d += kGroup * kLanes) {
+      T r[kGroup][kLanes];
+      for (int64_t g = 0; g < kGroup; ++g)
+        for (int64_t l = 0; l < kLanes; ++l) r[g][l] = a[d + g * kLanes + l];
+      for (int64_t j = 0; j < p; ++j) {
+        const T ej = Ei[j];
+        const T* b = Bk + j * D + d;
+        for (int64_t g = 0; g < kGroup; ++g)
+          for (int64_t l = 0; l < kLanes; ++l) r[g][l] = std::fma(-ej, b[g * kLanes + l], r[g][l]);
+      }
+      for (int64_t g = 0; g < kGroup; ++g)
+        for (int64_t l = 0; l < kLanes; ++l) acc[l] = std::fma(r[g][l], r[g][l], acc[l]);
+    }
     for (; d + kLanes <= D; d += kLanes) {
       T r[kLanes];
       for (int64_t l = 0; l < kLanes; ++l) r[l] = a[d + l];

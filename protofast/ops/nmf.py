@@ -149,13 +149,15 @@ def _prepare(features, lengths, rank, fixed_basis, clip_negative):
     K, n_max, D = A.shape
     if D == 0:
         raise ValueError("features must have at least one column (D >= 1), got D=0")
-    if not bool(torch.isfinite(A).all()):
+    # one pass over A for both checks (min and max are NaN if any entry is NaN); far cheaper than isfinite(A)
+    lo, hi = (float(v) for v in torch.aminmax(A)) if A.numel() else (0.0, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("features contain NaN or Inf")
-    if clip_negative:
-        if bool((A < 0).any()):
-            A = A.clamp(min=0)
-    elif bool((A < 0).any()):
-        raise ValueError("features have negative entries and clip_negative=False: multiplicative updates need A >= 0")
+    if lo < 0:
+        if not clip_negative:
+            raise ValueError("features have negative entries and clip_negative=False: multiplicative updates need "
+                             "A >= 0")
+        A = A.clamp(min=0)
     if fixed_basis is not None:
         if not isinstance(fixed_basis, torch.Tensor):
             raise TypeError(f"fixed_basis must be a torch.Tensor, got {type(fixed_basis).__name__}")
