@@ -104,64 +104,77 @@ struct ChunkVec {
   typedef T type __attribute__((vector_size(kChunk * sizeof(T))));
 };
 
-// A_i Bᵀ of R consecutive rows a[R][D] into ab[r][j]: R rows × kCols B rows at a time, each dot in kLanes
-// accumulators; every (row, B row) dot is the same sequence of operations whatever the blocking.
+// Σ of kLanes partial sums by a fixed pairwise tree (vectorisable; the same order on every call).
+template <typename T>
+inline T lane_sum(const T* __restrict__ acc) {
+  T t[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) t[l] = acc[l];
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) t[l] = t[l] + t[l + w];
+  return t[0];
+}
+
+// A_i Bᵀ for R rows × C B rows (j0 .. j0 + C − 1): R·C dots, each in kLanes accumulators, all in flight at once.
+template <typename T, int64_t R, int64_t C>
+inline void dots_block(const T* __restrict__ a, const T* __restrict__ Bk, int64_t j0, int64_t D,
+                       T (*__restrict__ ab)[kMaxRank]) {
+  T acc[R][C][kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t jj = 0; jj < C; ++jj)
+        for (int64_t l = 0; l < kLanes; ++l)
+          acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t jj = 0; jj < C; ++jj) {
+      T s = 0;
+      for (int64_t x = d; x < D; ++x) s += a[r * D + x] * Bk[(j0 + jj) * D + x];
+      ab[r][j0 + jj] = s + lane_sum(acc[r][jj]);
+    }
+}
+
+// A_i Bᵀ of R consecutive rows a[R][D] into ab[r][j], in blocks of kCols B rows and one block of the remaining
+// 1–3; every (row, B row) dot is the same sequence of operations whatever the blocking.
 template <typename T, int64_t R>
 inline void row_dots(const T* __restrict__ a, const T* __restrict__ Bk, int64_t p, int64_t D,
                      T (*__restrict__ ab)[kMaxRank]) {
   int64_t j0 = 0;
-  for (; j0 + kCols <= p; j0 += kCols) {
-    T acc[R][kCols][kLanes] = {};
-    int64_t d = 0;
-    for (; d + kLanes <= D; d += kLanes)
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t jj = 0; jj < kCols; ++jj)
-          for (int64_t l = 0; l < kLanes; ++l)
-            acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t jj = 0; jj < kCols; ++jj) {
-        T s = 0;
-        for (int64_t x = d; x < D; ++x) s += a[r * D + x] * Bk[(j0 + jj) * D + x];
-        for (int64_t l = 0; l < kLanes; ++l) s += acc[r][jj][l];
-        ab[r][j0 + jj] = s;
-      }
-  }
-  for (int64_t j = j0; j < p; ++j) {
-    const T* b = Bk + j * D;
-    T acc[R][kLanes] = {};
-    int64_t d = 0;
-    for (; d + kLanes <= D; d += kLanes)
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] = std::fma(a[r * D + d + l], b[d + l], acc[r][l]);
-    for (int64_t r = 0; r < R; ++r) {
-      T s = 0;
-      for (int64_t x = d; x < D; ++x) s += a[r * D + x] * b[x];
-      for (int64_t l = 0; l < kLanes; ++l) s += acc[r][l];
-      ab[r][j] = s;
-    }
+  for (; j0 + kCols <= p; j0 += kCols) dots_block<T, R, kCols>(a, Bk, j0, D, ab);
+  switch (p - j0) {
+    case 3: dots_block<T, R, 3>(a, Bk, j0, D, ab); break;
+    case 2: dots_block<T, R, 2>(a, Bk, j0, D, ab); break;
+    case 1: dots_block<T, R, 1>(a, Bk, j0, D, ab); break;
+    default: break;
   }
 }
 
-// Eᵀ A += Σ_r e_r ⊗ a_r over R consecutive rows a[R][D] whose new E rows are eT[j][i0 + r] (kCols rows of Eᵀ A
-// per sweep over the R rows of A; each element: the same sequence), and the upper triangle of Eᵀ E (l ≥ j).
+// Eᵀ A rows j0 .. j0 + C − 1 += Σ_r e_r ⊗ a_r over R rows (C rows of Eᵀ A per sweep over the R rows of A).
+template <typename T, int64_t R, int64_t C, typename V>
+inline void accumulate_block(const T* __restrict__ a, const V* __restrict__ eT, int64_t i0, int64_t j0, int64_t D,
+                             T* __restrict__ EA) {
+  T c[C][R];
+  for (int64_t jj = 0; jj < C; ++jj)
+    for (int64_t r = 0; r < R; ++r) c[jj][r] = eT[j0 + jj][i0 + r];
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t jj = 0; jj < C; ++jj) {
+      T v = EA[(j0 + jj) * D + d];
+      for (int64_t r = 0; r < R; ++r) v = std::fma(c[jj][r], a[r * D + d], v);
+      EA[(j0 + jj) * D + d] = v;
+    }
+}
+
+// Eᵀ A += Σ_r e_r ⊗ a_r over R consecutive rows a[R][D] whose new E rows are eT[j][i0 + r] (each element: the
+// same sequence whatever the blocking), and the upper triangle of Eᵀ E (l ≥ j).
 template <typename T, int64_t R, typename V = typename ChunkVec<T>::type>
 inline void accumulate_rows(const T* __restrict__ a, const V* __restrict__ eT, int64_t i0, int64_t p, int64_t D,
                             T* __restrict__ EA, T* __restrict__ EE) {
   int64_t j = 0;
-  for (; j + kCols <= p; j += kCols)
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t jj = 0; jj < kCols; ++jj) {
-        T v = EA[(j + jj) * D + d];
-        for (int64_t r = 0; r < R; ++r) v = std::fma(eT[j + jj][i0 + r], a[r * D + d], v);
-        EA[(j + jj) * D + d] = v;
-      }
-  for (; j < p; ++j) {
-    T* row = EA + j * D;
-    for (int64_t d = 0; d < D; ++d) {
-      T v = row[d];
-      for (int64_t r = 0; r < R; ++r) v = std::fma(eT[j][i0 + r], a[r * D + d], v);
-      row[d] = v;
-    }
+  for (; j + kCols <= p; j += kCols) accumulate_block<T, R, kCols>(a, eT, i0, j, D, EA);
+  switch (p - j) {
+    case 3: accumulate_block<T, R, 3>(a, eT, i0, j, D, EA); break;
+    case 2: accumulate_block<T, R, 2>(a, eT, i0, j, D, EA); break;
+    case 1: accumulate_block<T, R, 1>(a, eT, i0, j, D, EA); break;
+    default: break;
   }
   for (int64_t jj = 0; jj < p; ++jj)
     for (int64_t l = jj; l < p; ++l) {
@@ -270,8 +283,9 @@ double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t 
 
 // ‖A − E B‖² over rows r0..r1 of one class: each row's squared residual in kLanes partial sums of T (D/16 terms
 // each), then added in double.
+// noipa: one compiled body (no inlining, no specialised clones) for nmf_residual and nmf_run, so both give bitwise the same error.
 template <typename T>
-double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t r1, int64_t p, int64_t D) {
+__attribute__((noipa)) double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t r1, int64_t p, int64_t D) {
   double total = 0;
   for (int64_t i = r0; i < r1; ++i) {
     const T* a = Ak + i * D;
