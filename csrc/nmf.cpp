@@ -40,6 +40,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace protofast {
 namespace {
 
@@ -98,12 +102,6 @@ constexpr int64_t kCols = 4;  // B rows (prototypes) per register block of the d
 
 constexpr int64_t kChunk = 16;  // rows whose E updates run together, vectorised across the rows
 
-// kChunk values of T as one GCC vector (one AVX-512 register of float, two of double): lane i = row i of a chunk.
-template <typename T>
-struct ChunkVec {
-  typedef T type __attribute__((vector_size(kChunk * sizeof(T))));
-};
-
 // Σ of kLanes partial sums by a fixed pairwise tree (vectorisable; the same order on every call).
 template <typename T>
 inline T lane_sum(const T* __restrict__ acc) {
@@ -114,22 +112,78 @@ inline T lane_sum(const T* __restrict__ acc) {
   return t[0];
 }
 
+// kLanes partial sums of T (lane l sums the products of columns ≡ l mod kLanes), with the three operations the
+// dots need. Generic: an array the compiler vectorises; float with AVX-512: one register (the same per-lane
+// fused multiply-adds and the same lane_sum tree, so bitwise the same results; GCC otherwise reloads operands).
+template <typename T>
+struct Lanes {
+  T v[kLanes];
+  static Lanes zero() { return Lanes{}; }
+  static Lanes load(const T* p) {
+    Lanes x;
+    for (int64_t l = 0; l < kLanes; ++l) x.v[l] = p[l];
+    return x;
+  }
+  static Lanes splat(T c) {
+    Lanes x;
+    for (int64_t l = 0; l < kLanes; ++l) x.v[l] = c;
+    return x;
+  }
+  void store(T* p) const {
+    for (int64_t l = 0; l < kLanes; ++l) p[l] = v[l];
+  }
+  void fma(const Lanes& a, const Lanes& b) {
+    for (int64_t l = 0; l < kLanes; ++l) v[l] = std::fma(a.v[l], b.v[l], v[l]);
+  }
+  // the multiplicative rule per lane: v ← v · num / den, a den exactly 0 replaced by eps
+  void mu(const Lanes& num, const Lanes& den, T eps) {
+    for (int64_t l = 0; l < kLanes; ++l) v[l] = v[l] * num.v[l] / (den.v[l] == T(0) ? eps : den.v[l]);
+  }
+  T sum() const { return lane_sum(v); }
+};
+
+#if defined(__AVX512F__)
+static_assert(kLanes == 16, "one AVX-512 register holds 16 floats");
+template <>
+struct Lanes<float> {
+  __m512 v;
+  static Lanes zero() { return Lanes{_mm512_setzero_ps()}; }
+  static Lanes load(const float* p) { return Lanes{_mm512_loadu_ps(p)}; }
+  static Lanes splat(float c) { return Lanes{_mm512_set1_ps(c)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void fma(const Lanes& a, const Lanes& b) { v = _mm512_fmadd_ps(a.v, b.v, v); }
+  void mu(const Lanes& num, const Lanes& den, float eps) {
+    const __mmask16 zero = _mm512_cmp_ps_mask(den.v, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    v = _mm512_div_ps(_mm512_mul_ps(v, num.v), _mm512_mask_blend_ps(zero, den.v, _mm512_set1_ps(eps)));
+  }
+  float sum() const {
+    alignas(64) float t[kLanes];
+    _mm512_store_ps(t, v);
+    return lane_sum(t);
+  }
+};
+#endif
+
 // A_i Bᵀ for R rows × C B rows (j0 .. j0 + C − 1): R·C dots, each in kLanes accumulators, all in flight at once.
 template <typename T, int64_t R, int64_t C>
 inline void dots_block(const T* __restrict__ a, const T* __restrict__ Bk, int64_t j0, int64_t D,
                        T (*__restrict__ ab)[kMaxRank]) {
-  T acc[R][C][kLanes] = {};
+  Lanes<T> acc[R][C];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t jj = 0; jj < C; ++jj) acc[r][jj] = Lanes<T>::zero();
   int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
+  for (; d + kLanes <= D; d += kLanes) {
+    Lanes<T> av[R], bv[C];
+    for (int64_t r = 0; r < R; ++r) av[r] = Lanes<T>::load(a + r * D + d);
+    for (int64_t jj = 0; jj < C; ++jj) bv[jj] = Lanes<T>::load(Bk + (j0 + jj) * D + d);
     for (int64_t r = 0; r < R; ++r)
-      for (int64_t jj = 0; jj < C; ++jj)
-        for (int64_t l = 0; l < kLanes; ++l)
-          acc[r][jj][l] = std::fma(a[r * D + d + l], Bk[(j0 + jj) * D + d + l], acc[r][jj][l]);
+      for (int64_t jj = 0; jj < C; ++jj) acc[r][jj].fma(av[r], bv[jj]);
+  }
   for (int64_t r = 0; r < R; ++r)
     for (int64_t jj = 0; jj < C; ++jj) {
       T s = 0;
       for (int64_t x = d; x < D; ++x) s += a[r * D + x] * Bk[(j0 + jj) * D + x];
-      ab[r][j0 + jj] = s + lane_sum(acc[r][jj]);
+      ab[r][j0 + jj] = s + acc[r][jj].sum();
     }
 }
 
@@ -149,9 +203,9 @@ inline void row_dots(const T* __restrict__ a, const T* __restrict__ Bk, int64_t 
 }
 
 // Eᵀ A rows j0 .. j0 + C − 1 += Σ_r e_r ⊗ a_r over R rows (C rows of Eᵀ A per sweep over the R rows of A).
-template <typename T, int64_t R, int64_t C, typename V>
-inline void accumulate_block(const T* __restrict__ a, const V* __restrict__ eT, int64_t i0, int64_t j0, int64_t D,
-                             T* __restrict__ EA) {
+template <typename T, int64_t R, int64_t C>
+inline void accumulate_block(const T* __restrict__ a, const T (*__restrict__ eT)[kChunk], int64_t i0, int64_t j0,
+                             int64_t D, T* __restrict__ EA) {
   T c[C][R];
   for (int64_t jj = 0; jj < C; ++jj)
     for (int64_t r = 0; r < R; ++r) c[jj][r] = eT[j0 + jj][i0 + r];
@@ -165,9 +219,9 @@ inline void accumulate_block(const T* __restrict__ a, const V* __restrict__ eT, 
 
 // Eᵀ A += Σ_r e_r ⊗ a_r over R consecutive rows a[R][D] whose new E rows are eT[j][i0 + r] (each element: the
 // same sequence whatever the blocking), and the upper triangle of Eᵀ E (l ≥ j).
-template <typename T, int64_t R, typename V = typename ChunkVec<T>::type>
-inline void accumulate_rows(const T* __restrict__ a, const V* __restrict__ eT, int64_t i0, int64_t p, int64_t D,
-                            T* __restrict__ EA, T* __restrict__ EE) {
+template <typename T, int64_t R>
+inline void accumulate_rows(const T* __restrict__ a, const T (*__restrict__ eT)[kChunk], int64_t i0, int64_t p,
+                            int64_t D, T* __restrict__ EA, T* __restrict__ EE) {
   int64_t j = 0;
   for (; j + kCols <= p; j += kCols) accumulate_block<T, R, kCols>(a, eT, i0, j, D, EA);
   switch (p - j) {
@@ -196,22 +250,32 @@ inline void update_chunk(const T* __restrict__ a, T* __restrict__ e, int64_t row
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) row_dots<T, kRows>(a + r * D, Bk, p, D, ab + r);
   for (; r < rows; ++r) row_dots<T, 1>(a + r * D, Bk, p, D, ab + r);
-  typedef typename ChunkVec<T>::type V;
-  V abT[kMaxRank], eT[kMaxRank], den[kMaxRank];
+  static_assert(kChunk == kLanes, "one Lanes value holds the chunk's rows");
+  alignas(64) T abT[kMaxRank][kChunk];
+  alignas(64) T eT[kMaxRank][kChunk];
   for (int64_t j = 0; j < p; ++j)
     for (int64_t i = 0; i < kChunk; ++i) {
       abT[j][i] = i < rows ? ab[i][j] : T(0);
       eT[j][i] = i < rows ? e[i * p + j] : T(0);
     }
-  const V zero = {}, eps_v = zero + eps;
-  for (int64_t it = 0; it < inner; ++it) {
-    // den_j = Σ_l e_l (B Bᵀ)_lj for every j (mul, then add), then e_j ← e_j · (A Bᵀ)_j / den_j (0 → eps)
-    for (int64_t j = 0; j < p; ++j) den[j] = zero;
-    for (int64_t l = 0; l < p; ++l) {
-      const V el = eT[l];
-      for (int64_t j = 0; j < p; ++j) den[j] += el * BBk[l * p + j];
+  {  // the E rule `inner` times, 16 rows per register (lane i = row i of the chunk)
+    Lanes<T> ev[kMaxRank], abv[kMaxRank], nv[kMaxRank];
+    for (int64_t j = 0; j < p; ++j) {
+      ev[j] = Lanes<T>::load(eT[j]);
+      abv[j] = Lanes<T>::load(abT[j]);
     }
-    for (int64_t j = 0; j < p; ++j) eT[j] = eT[j] * abT[j] / (den[j] == zero ? eps_v : den[j]);
+    for (int64_t it = 0; it < inner; ++it) {
+      // den_j = Σ_l e_l (B Bᵀ)_lj (fused multiply-adds in l order), then e_j ← e_j · (A Bᵀ)_j / den_j, all j from
+      // the old e
+      for (int64_t j = 0; j < p; ++j) {
+        Lanes<T> den = Lanes<T>::zero();
+        for (int64_t l = 0; l < p; ++l) den.fma(ev[l], Lanes<T>::splat(BBk[l * p + j]));
+        nv[j] = ev[j];
+        nv[j].mu(abv[j], den, eps);
+      }
+      for (int64_t j = 0; j < p; ++j) ev[j] = nv[j];
+    }
+    for (int64_t j = 0; j < p; ++j) ev[j].store(eT[j]);
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < p; ++j) e[i * p + j] = eT[j][i];
