@@ -295,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--part-sets", action="store_true",
                          help="pipnet: train on protofast.pipnet_train.SyntheticPartSets (8 classes, one part each at "
                               "a random place; SmallCNN without coordinates) instead of SyntheticParts")
+    p_train.add_argument("--classifier-only-epochs", type=int, default=0, metavar="N",
+                         help="pipnet: after the schedule, N epochs of classifier-only steps (backbone and add-on "
+                              "frozen) with the weight shrink on the cached presence scores of the training set "
+                              "(default 0)")
+    p_train.add_argument("--classifier-only-optimizer", choices=("adam", "sgd"), default="adam",
+                         help="pipnet: optimizer of the classifier-only phase (adam: AdamW; sgd: momentum 0.9)")
+    p_train.add_argument("--classifier-only-lr", type=float, default=0.05, metavar="LR",
+                         help="pipnet: learning rate of the classifier-only phase (default 0.05, times --lr-scale)")
+    p_train.add_argument("--classifier-only-weight-decay", type=float, default=0.0, metavar="WD",
+                         help="pipnet: weight decay of the classifier-only phase (default 0)")
+    p_train.add_argument("--classifier-only-shrink", type=float, metavar="S",
+                         help="pipnet: weight shrink per classifier-only step (default: --weight-shrink)")
     p_train.set_defaults(func=cmd_train)
     return parser
 
