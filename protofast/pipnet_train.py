@@ -11,6 +11,12 @@ Schedule (M-Nauta/PIPNet, SEMANTICS.md §2.3, scaled by the arguments):
 
 Optimizers: AdamW (weight decay 0), one per phase, parameter groups of :meth:`PIPNet.param_groups`.
 
+Optional classifier-only last phase (:func:`train_classifier_cached`, the CLI's ``--classifier-only-epochs``):
+backbone and add-on frozen, so the presence scores of the training images are computed once
+(:func:`pooled_scores`) and thousands of ``2·L_C`` steps with the shrink run on them in about a second; it plays
+the role of the original's long tail of ~5600 steps in which the classification gradient vanishes and the shrink
+removes every weight the classifier does not need.
+
 Two views (:class:`TwoViewAugment`, plain torch): a geometric transform shared by both views (random shift by up
 to ``shift`` pixels, optional horizontal flip) so that location (i, j) of view 1 and view 2 shows the same patch
 (the align loss compares them location by location), then per view a small extra shift and colour jitter
@@ -601,7 +607,7 @@ def cli_train_pipnet(args) -> int:
         num_classes = 10
     torch.manual_seed(args.seed)
     D = args.num_prototypes if args.num_prototypes is not None else 32
-    shrink = args.weight_shrink if args.weight_shrink is not None else 5e-3
+    shrink = args.weight_shrink if args.weight_shrink is not None else 1e-3
     coords = not (part_sets and args.dataset == "synthetic")
     backbone = SmallCNN(channels=(32, 32), coords=coords)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -616,7 +622,8 @@ def cli_train_pipnet(args) -> int:
           f"({len(train_set)} train / {len(test_set)} test, {num_classes} classes), SmallCNN backbone "
           f"({'with' if coords else 'no'} coordinate channels), D = {D} prototypes, {torch.get_num_threads()} "
           "threads; backbone warm-up "
-          f"{warmup} + pretrain {pretrain} + train {epochs} epochs")
+          f"{warmup} + pretrain {pretrain} + train {epochs} epochs + classifier-only {args.classifier_only_epochs} "
+          "epochs")
     t0 = time.perf_counter()
     if warmup:
         warmup_backbone(backbone, train_loader, num_classes, epochs=warmup, lr=1e-3 * args.lr_scale,
@@ -626,11 +633,11 @@ def cli_train_pipnet(args) -> int:
     result = train_pipnet(model, train_loader, test_loader, epochs=epochs, pretrain_epochs=pretrain,
                           finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed)
     proj_loader = DataLoader(train_set, batch_size=256)
-    cls_epochs = getattr(args, "classifier_only_epochs", 0) or 0
+    cls_epochs = args.classifier_only_epochs
     classifier_only = None
     if cls_epochs:
         pooled, labels = pooled_scores(model, proj_loader)
-        cls_shrink = args.classifier_only_shrink if args.classifier_only_shrink is not None else shrink
+        cls_shrink = args.classifier_only_shrink if args.classifier_only_shrink is not None else 5e-3
         classifier_only = train_classifier_cached(
             model, pooled, labels, cls_epochs, args.batch_size, optimizer=args.classifier_only_optimizer,
             lr=args.classifier_only_lr * args.lr_scale, weight_decay=args.classifier_only_weight_decay,

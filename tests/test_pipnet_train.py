@@ -274,7 +274,7 @@ def test_cli_classifier_only_phase(tmp_path, capsys):
     assert rc == 0 and "classifier-only phase: 6 steps of sgd" in text and "shrink 0.002" in text, text
     config = json.load(open(out / "config.json"))
     assert config["classifier_only"]["steps"] == 6 and config["train"]["classifier_only_optimizer"] == "sgd"
-    assert config["model"]["weight_shrink"] == 5e-3                      # the phase's shrink is not stored
+    assert config["model"]["weight_shrink"] == 1e-3                      # the phase's shrink is not stored
 
 
 # ---------------------------------------------------------------------------------------------- data
