@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pipnet: weight decay of the classifier-only phase (default 0)")
     p_train.add_argument("--classifier-only-shrink", type=float, metavar="S",
                          help="pipnet: weight shrink per classifier-only step (default 5e-3)")
+    p_train.add_argument("--zero-class-independent", type=float, metavar="F",
+                         help="pipnet: before the classifier-only phase, zero the classifier column of every prototype "
+                              "present (score >= 0.1) on at least a fraction F (e.g. 0.99) of the training images of "
+                              "every class (off by default)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

@@ -43,8 +43,8 @@ from .models.pipnet import PIPNet, dataset_topk, zero_unused_prototypes
 
 __all__ = ["SyntheticPartSets", "TwoViewAugment", "PIPNetTrainResult", "train_pipnet", "warmup_backbone",
            "evaluate_pipnet", "classification_loss", "pooled_scores", "train_classifier_cached",
-           "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure", "noise_images", "report_pipnet",
-           "cli_train_pipnet"]
+           "zero_class_independent_prototypes", "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure",
+           "noise_images", "report_pipnet", "cli_train_pipnet"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
 
@@ -403,6 +403,31 @@ def pooled_scores(model: PIPNet, loader, device=None, inference: bool = False):
     return torch.cat(pooled), torch.cat(labels)
 
 
+@torch.no_grad()
+def zero_class_independent_prototypes(model: PIPNet, pooled: Tensor, labels: Tensor, fraction: float = 0.99,
+                                      threshold: Optional[float] = None) -> Tensor:
+    """Zero the classifier column of every prototype that is present (``pooled ≥ threshold``, default the model's
+    inference clamp 0.1) on at least ``fraction`` of the training images of **every** class: a prototype that fires
+    on (nearly) every image carries no class information. ``pooled [N, D]`` and ``labels [N]`` as returned by
+    :func:`pooled_scores`; classes without images are ignored. Returns the indices of the zeroed prototypes (all
+    that match the rule, whether or not their column was already zero)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
+        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
+    if labels.shape != pooled.shape[:1]:
+        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
+    threshold = model.inference_clamp if threshold is None else threshold
+    present = (pooled >= threshold).float()
+    rates = [present[labels == k].mean(0) for k in range(model.num_classes) if bool((labels == k).any())]
+    if not rates:
+        return torch.zeros(0, dtype=torch.long)
+    always = torch.stack(rates).min(0).values >= fraction                                     # [D]
+    cols = torch.nonzero(always).flatten()
+    model.classification.weight[:, cols.to(model.classification.weight.device)] = 0.0
+    return cols.cpu()
+
+
 def train_classifier_cached(model: PIPNet, pooled: Tensor, labels: Tensor, epochs: int, batch_size: int = 32, *,
                             optimizer: str = "adam", lr: float = 0.05, momentum: float = 0.9,
                             weight_decay: float = 0.0, weight_shrink: Optional[float] = None, seed: int = 0,
@@ -635,8 +660,14 @@ def cli_train_pipnet(args) -> int:
     proj_loader = DataLoader(train_set, batch_size=256)
     cls_epochs = args.classifier_only_epochs
     classifier_only = None
-    if cls_epochs:
+    zero_always = args.zero_class_independent
+    if cls_epochs or zero_always is not None:
         pooled, labels = pooled_scores(model, proj_loader)
+    if zero_always is not None:
+        cols = zero_class_independent_prototypes(model, pooled, labels, fraction=zero_always)
+        print(f"prototypes present on >= {zero_always:.0%} of the training images of every class (columns zeroed): "
+              f"{cols.tolist()}")
+    if cls_epochs:
         cls_shrink = args.classifier_only_shrink if args.classifier_only_shrink is not None else 5e-3
         classifier_only = train_classifier_cached(
             model, pooled, labels, cls_epochs, args.batch_size, optimizer=args.classifier_only_optimizer,

@@ -14,7 +14,8 @@ from protofast.data import SyntheticParts
 from protofast.models import PIPNet, SmallCNN, dataset_topk
 from protofast.pipnet_train import (TwoViewAugment, _shift, classification_loss, evaluate_pipnet,
                                     load_pipnet_checkpoint, noise_images, pooled_scores, save_pipnet_checkpoint,
-                                    save_topk_figure, train_classifier_cached, train_pipnet, warmup_backbone)
+                                    save_topk_figure, train_classifier_cached, train_pipnet, warmup_backbone,
+                                    zero_class_independent_prototypes)
 
 
 def _tiny(seed=0, D=8):
@@ -176,6 +177,33 @@ def test_classifier_only_phase_steps_only_the_classifier_and_shrinks(optimizer):
     assert model.classification.weight.requires_grad
 
 
+def test_zero_class_independent_prototypes():
+    model = _tiny(8, D=5)                                                     # 4 classes
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3, 3])
+    pooled = torch.zeros(10, 5)
+    pooled[:, 0] = 0.5                                                        # on every image: zeroed
+    pooled[:, 1] = 0.5
+    pooled[9, 1] = 0.05                                                       # missing on 1 of 4 class-3 images
+    pooled[labels == 2, 2] = 1.0                                              # class-specific
+    pooled[:, 3] = 0.1                                                        # exactly at the threshold: present
+    pooled[:, 4] = 0.0999
+    w0 = model.classification.weight.detach().clone()
+    cols = zero_class_independent_prototypes(model, pooled, labels, fraction=0.99)
+    assert cols.tolist() == [0, 3]
+    W = model.classification.weight.detach()
+    assert float(W[:, [0, 3]].abs().max()) == 0.0 and torch.equal(W[:, [1, 2, 4]], w0[:, [1, 2, 4]])
+    assert zero_class_independent_prototypes(model, pooled, labels, fraction=0.75).tolist() == [0, 1, 3]
+    # a class without images does not count; threshold override
+    assert zero_class_independent_prototypes(_tiny(8, D=5), pooled[:4], labels[:4], threshold=0.09).tolist() == \
+        [0, 1, 3, 4]
+    with pytest.raises(ValueError, match="fraction"):
+        zero_class_independent_prototypes(model, pooled, labels, fraction=0.0)
+    with pytest.raises(ValueError, match="pooled"):
+        zero_class_independent_prototypes(model, pooled[:, :3], labels)
+    with pytest.raises(ValueError, match="labels"):
+        zero_class_independent_prototypes(model, pooled, labels[:3])
+
+
 def test_classifier_only_phase_rejects_bad_arguments():
     model = _tiny(7, D=4)
     pooled, labels = torch.rand(8, 4), torch.zeros(8, dtype=torch.long)
@@ -267,11 +295,13 @@ def test_cli_classifier_only_phase(tmp_path, capsys):
                    "--batch-size", "32", "--num-prototypes", "8", "--threads", "1", "--backbone-warmup-epochs", "1",
                    "--classifier-only-epochs", "3", "--classifier-only-optimizer", "sgd",
                    "--classifier-only-weight-decay", "1e-4", "--classifier-only-shrink", "2e-3",
+                   "--zero-class-independent", "0.99",
                    "--no-progress", "--no-figure", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
     assert rc == 0 and "classifier-only phase: 6 steps of sgd" in text and "shrink 0.002" in text, text
+    assert "training images of every class (columns zeroed): [" in text
     config = json.load(open(out / "config.json"))
     assert config["classifier_only"]["steps"] == 6 and config["train"]["classifier_only_optimizer"] == "sgd"
     assert config["model"]["weight_shrink"] == 1e-3                      # the phase's shrink is not stored
