@@ -290,11 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
                          help="pipnet: supervised warm-up epochs of the from-scratch backbone, the stand-in for "
                               "the original's ImageNet-pretrained backbone (default 8)")
     p_train.add_argument("--weight-shrink", type=float, metavar="S",
-                         help="pipnet: subtracted from every classifier weight after each step (default 5e-3: the "
-                              "original's 1e-3 sums to ~5.6 over its ~5600 CUB steps, 5e-3 to ~3.7 over 744 here)")
+                         help="pipnet: subtracted from every classifier weight after each step of the schedule "
+                              "(default 1e-3, the original's; the classifier-only phase sparsifies afterwards)")
     p_train.add_argument("--part-sets", action="store_true",
                          help="pipnet: train on protofast.pipnet_train.SyntheticPartSets (8 classes, one part each at "
                               "a random place; SmallCNN without coordinates) instead of SyntheticParts")
+    p_train.add_argument("--classifier-only-epochs", type=int, default=80, metavar="N",
+                         help="pipnet: after the schedule, N epochs of classifier-only steps (backbone and add-on "
+                              "frozen) with the weight shrink on the cached presence scores of the training set "
+                              "(default 80: ~5000 steps at batch 32, about a second; 0 turns the phase off)")
+    p_train.add_argument("--classifier-only-optimizer", choices=("adam", "sgd"), default="sgd",
+                         help="pipnet: optimizer of the classifier-only phase (adam: AdamW; sgd: momentum 0.9)")
+    p_train.add_argument("--classifier-only-lr", type=float, default=0.05, metavar="LR",
+                         help="pipnet: learning rate of the classifier-only phase (default 0.05, times --lr-scale)")
+    p_train.add_argument("--classifier-only-weight-decay", type=float, default=0.0, metavar="WD",
+                         help="pipnet: weight decay of the classifier-only phase (default 0)")
+    p_train.add_argument("--classifier-only-shrink", type=float, metavar="S",
+                         help="pipnet: weight shrink per classifier-only step (default 5e-3)")
+    p_train.add_argument("--zero-class-independent", type=float, metavar="F",
+                         help="pipnet: before the classifier-only phase, zero the classifier column of every prototype "
+                              "present (score >= 0.1) on at least a fraction F (e.g. 0.99) of the training images of "
+                              "every class (off by default)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

@@ -11,6 +11,12 @@ Schedule (M-Nauta/PIPNet, SEMANTICS.md §2.3, scaled by the arguments):
 
 Optimizers: AdamW (weight decay 0), one per phase, parameter groups of :meth:`PIPNet.param_groups`.
 
+Optional classifier-only last phase (:func:`train_classifier_cached`, the CLI's ``--classifier-only-epochs``):
+backbone and add-on frozen, so the presence scores of the training images are computed once
+(:func:`pooled_scores`) and thousands of ``2·L_C`` steps with the shrink run on them in about a second; it plays
+the role of the original's long tail of ~5600 steps in which the classification gradient vanishes and the shrink
+removes every weight the classifier does not need.
+
 Two views (:class:`TwoViewAugment`, plain torch): a geometric transform shared by both views (random shift by up
 to ``shift`` pixels, optional horizontal flip) so that location (i, j) of view 1 and view 2 shows the same patch
 (the align loss compares them location by location), then per view a small extra shift and colour jitter
@@ -36,8 +42,9 @@ from .data import SyntheticParts
 from .models.pipnet import PIPNet, dataset_topk, zero_unused_prototypes
 
 __all__ = ["SyntheticPartSets", "TwoViewAugment", "PIPNetTrainResult", "train_pipnet", "warmup_backbone",
-           "evaluate_pipnet", "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure", "noise_images",
-           "cli_train_pipnet"]
+           "evaluate_pipnet", "classification_loss", "pooled_scores", "train_classifier_cached",
+           "zero_class_independent_prototypes", "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure",
+           "noise_images", "report_pipnet", "cli_train_pipnet"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
 
@@ -372,6 +379,120 @@ def train_pipnet(model: PIPNet, train_loader, test_loader=None, epochs: int = 10
     return PIPNetTrainResult(history=history, test=test, seconds=time.perf_counter() - start)
 
 
+# ---------------------------------------------------------------------------------------------- classifier only
+def classification_loss(model: PIPNet, pooled: Tensor, labels: Tensor) -> Tensor:
+    """``L_C = NLL(log_softmax(log1p(out^κ)), labels)`` with ``out = model.classification(pooled [B, D])`` (the
+    classification term of :func:`protofast.pipnet_losses`, on given presence scores)."""
+    kappa = model.classification.normalization_multiplier.detach().reshape(())
+    out = model.classification(pooled)
+    return F.nll_loss(F.log_softmax(torch.log1p(out ** kappa), dim=1), labels)
+
+
+@torch.no_grad()
+def pooled_scores(model: PIPNet, loader, device=None, inference: bool = False):
+    """``(pooled [N, D], labels [N])`` of every ``(images, labels)`` batch of ``loader`` (no augmentation, eval
+    mode; ``inference=True`` clamps scores < 0.1 to 0)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pooled, labels = [], []
+    for x, y in loader:
+        pooled.append(model.presence(x.to(device), inference=inference)[0].float())
+        labels.append(y.to(device))
+    model.train(was_training)
+    return torch.cat(pooled), torch.cat(labels)
+
+
+@torch.no_grad()
+def zero_class_independent_prototypes(model: PIPNet, pooled: Tensor, labels: Tensor, fraction: float = 0.99,
+                                      threshold: Optional[float] = None) -> Tensor:
+    """Zero the classifier column of every prototype that is present (``pooled ≥ threshold``, default the model's
+    inference clamp 0.1) on at least ``fraction`` of the training images of **every** class: a prototype that fires
+    on (nearly) every image carries no class information. ``pooled [N, D]`` and ``labels [N]`` as returned by
+    :func:`pooled_scores`; classes without images are ignored. Returns the indices of the zeroed prototypes (all
+    that match the rule, whether or not their column was already zero)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
+        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
+    if labels.shape != pooled.shape[:1]:
+        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
+    threshold = model.inference_clamp if threshold is None else threshold
+    present = (pooled >= threshold).float()
+    rates = [present[labels == k].mean(0) for k in range(model.num_classes) if bool((labels == k).any())]
+    if not rates:
+        return torch.zeros(0, dtype=torch.long)
+    always = torch.stack(rates).min(0).values >= fraction                                     # [D]
+    cols = torch.nonzero(always).flatten()
+    model.classification.weight[:, cols.to(model.classification.weight.device)] = 0.0
+    return cols.cpu()
+
+
+def train_classifier_cached(model: PIPNet, pooled: Tensor, labels: Tensor, epochs: int, batch_size: int = 32, *,
+                            optimizer: str = "adam", lr: float = 0.05, momentum: float = 0.9,
+                            weight_decay: float = 0.0, weight_shrink: Optional[float] = None, seed: int = 0,
+                            log: Optional[Callable[[str], None]] = None) -> dict:
+    """Classifier-only last phase on cached presence scores: the backbone and add-on are frozen, so the pooled
+    scores ``pooled [N, D]`` of the training images (:func:`pooled_scores`) do not change and each step is
+    ``2·L_C`` (:func:`classification_loss`) on a minibatch of them, then ``Wc ← max(Wc − weight_shrink, 0)``
+    (:meth:`PIPNet.shrink_weights_`; ``weight_shrink`` default: the model's). ``epochs`` passes over a random
+    permutation (``seed``), ``N // batch_size`` steps each. ``optimizer``: ``"adam"`` (AdamW, decoupled
+    ``weight_decay``) or ``"sgd"`` (``momentum``, L2 ``weight_decay``). Only ``Wc`` (and the bias, if any) change.
+    Returns ``steps``, ``seconds``, ``loss`` (mean of the last epoch), ``train_acc`` (on ``pooled``, at the end)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
+        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
+    if labels.shape != pooled.shape[:1]:
+        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
+    params = [p for p in (model.classification.weight, model.classification.bias) if p is not None]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    if optimizer == "adam":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    saved_shrink = model.weight_shrink
+    if weight_shrink is not None:
+        if not weight_shrink >= 0:
+            raise ValueError(f"weight_shrink must be >= 0, got {weight_shrink}")
+        model.weight_shrink = float(weight_shrink)
+    g = torch.Generator().manual_seed(seed)
+    N = pooled.shape[0]
+    steps, last = 0, float("nan")
+    start = time.perf_counter()
+    try:
+        for e in range(epochs):
+            order = torch.randperm(N, generator=g).to(pooled.device)
+            total = 0.0
+            n_batches = max(N // batch_size, 1)
+            for b in range(n_batches):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                loss = 2 * classification_loss(model, pooled[idx], labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                model.shrink_weights_()
+                total += float(loss.detach())
+                steps += 1
+            last = total / n_batches
+            if log is not None and (e + 1 == epochs or (e + 1) % max(epochs // 5, 1) == 0):
+                log(f"classifier-only {e + 1:>4}/{epochs}  loss {last:.4f}  global size {model.global_size()}/"
+                    f"{model.num_prototypes}")
+    finally:
+        model.weight_shrink = saved_shrink
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    with torch.no_grad():
+        acc = float((model.classification(pooled).argmax(1) == labels).float().mean()) if N else float("nan")
+    return dict(steps=steps, seconds=time.perf_counter() - start, loss=last, train_acc=acc)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_pipnet_checkpoint(model: PIPNet, directory: str, extra: Optional[dict] = None) -> str:
     """``directory/model.pt`` (state_dict) and ``directory/config.json`` (``{"model": model.config(), ...}``)."""
@@ -442,6 +563,43 @@ def save_topk_figure(topk, images: Tensor, path: str, prototypes=None, patch: Op
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: int = 0, image_size: int = 32,
+                  log: Optional[Callable[[str], None]] = print) -> dict:
+    """The CLI's final evaluation: dataset top-k on ``train_loader`` (unshuffled) and
+    :func:`zero_unused_prototypes` (mutates the model), :func:`evaluate_pipnet` on ``test_loader`` and on
+    ``n_noise`` images of each :func:`noise_images` kind (seed ``seed + 1``): abstention, max output, mean largest
+    inference presence score and the fraction above the 95 %-TPR threshold of the test images. Returns ``test``,
+    ``noise`` (per kind), ``zeroed_prototypes`` (list), ``threshold``, ``topk``."""
+    from torch.utils.data import DataLoader
+
+    say = log if log is not None else (lambda _msg: None)
+    topk = dataset_topk(model, train_loader, k=10)
+    zeroed = zero_unused_prototypes(model, topk)
+    test = evaluate_pipnet(model, test_loader)
+    with torch.no_grad():
+        test_max = torch.cat([model.predict(x)[1].max(1).values for x, _ in test_loader])
+    threshold = float(torch.quantile(test_max, 0.05))          # 95 % of the test images score at least this
+    ood = {}
+    for kind in ("background", "uniform"):
+        noise = noise_images(n_noise, image_size, seed=seed + 1, kind=kind)
+        ood[kind] = evaluate_pipnet(model, DataLoader(noise, batch_size=256))
+        with torch.no_grad():
+            _, noise_out, noise_pooled = model.predict(noise)
+        ood[kind]["max_out"] = float(noise_out.max())
+        ood[kind]["mean_max_presence"] = float(noise_pooled.max(1).values.mean())
+        ood[kind]["fpr_at_95_tpr"] = float((noise_out.max(1).values >= threshold).float().mean())
+    say(f"prototypes never above 0.1 in the training set (columns zeroed): {zeroed.tolist()}")
+    say(f"test accuracy {test['accuracy']:.4f} (abstained on {test['abstained']:.2%} of test images)")
+    for kind, label in (("background", "part-free noise images (SyntheticParts' background noise)"),
+                        ("uniform", "uniform-noise images")):
+        say(f"abstention on {n_noise} pure-noise {label}: {ood[kind]['abstained']:.2%} (max output "
+            f"{ood[kind]['max_out']:.3g}, mean of the largest inference presence score "
+            f"{ood[kind]['mean_max_presence']:.3g}); with the paper's threshold at 95 % of the test images "
+            f"(max output >= {threshold:.3g}) {ood[kind]['fpr_at_95_tpr']:.2%} of them are taken as "
+            "in-distribution")
+    return dict(test=test, noise=ood, zeroed_prototypes=zeroed.tolist(), threshold=threshold, topk=topk)
+
+
 def cli_train_pipnet(args) -> int:
     """``protofast train pipnet``: see protofast.cli."""
     import sys
@@ -474,7 +632,7 @@ def cli_train_pipnet(args) -> int:
         num_classes = 10
     torch.manual_seed(args.seed)
     D = args.num_prototypes if args.num_prototypes is not None else 32
-    shrink = args.weight_shrink if args.weight_shrink is not None else 5e-3
+    shrink = args.weight_shrink if args.weight_shrink is not None else 1e-3
     coords = not (part_sets and args.dataset == "synthetic")
     backbone = SmallCNN(channels=(32, 32), coords=coords)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -489,7 +647,8 @@ def cli_train_pipnet(args) -> int:
           f"({len(train_set)} train / {len(test_set)} test, {num_classes} classes), SmallCNN backbone "
           f"({'with' if coords else 'no'} coordinate channels), D = {D} prototypes, {torch.get_num_threads()} "
           "threads; backbone warm-up "
-          f"{warmup} + pretrain {pretrain} + train {epochs} epochs")
+          f"{warmup} + pretrain {pretrain} + train {epochs} epochs + classifier-only {args.classifier_only_epochs} "
+          "epochs")
     t0 = time.perf_counter()
     if warmup:
         warmup_backbone(backbone, train_loader, num_classes, epochs=warmup, lr=1e-3 * args.lr_scale,
@@ -498,38 +657,35 @@ def cli_train_pipnet(args) -> int:
     lrs = {"backbone": 1e-3 * args.lr_scale, "add_on": 1e-3 * args.lr_scale, "classification": 0.05 * args.lr_scale}
     result = train_pipnet(model, train_loader, test_loader, epochs=epochs, pretrain_epochs=pretrain,
                           finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed)
-    seconds = time.perf_counter() - t0
     proj_loader = DataLoader(train_set, batch_size=256)
-    topk = dataset_topk(model, proj_loader, k=10)
-    zeroed = zero_unused_prototypes(model, topk)
-    test = evaluate_pipnet(model, test_loader)
-    with torch.no_grad():
-        test_max = torch.cat([model.predict(x)[1].max(1).values for x, _ in test_loader])
-    threshold = float(torch.quantile(test_max, 0.05))          # 95 % of the test images score at least this
-    ood = {}
-    for kind in ("background", "uniform"):
-        noise = noise_images(args.test_size, 32, seed=args.seed + 1, kind=kind)
-        ood[kind] = evaluate_pipnet(model, DataLoader(noise, batch_size=256))
-        with torch.no_grad():
-            _, noise_out, noise_pooled = model.predict(noise)
-        ood[kind]["max_out"] = float(noise_out.max())
-        ood[kind]["mean_max_presence"] = float(noise_pooled.max(1).values.mean())
-        ood[kind]["fpr_at_95_tpr"] = float((noise_out.max(1).values >= threshold).float().mean())
-    print(f"prototypes never above 0.1 in the training set (columns zeroed): {zeroed.tolist()}")
-    print(f"test accuracy {test['accuracy']:.4f} (abstained on {test['abstained']:.2%} of test images)")
-    for kind, label in (("background", "part-free noise images (SyntheticParts' background noise)"),
-                        ("uniform", "uniform-noise images")):
-        print(f"abstention on {args.test_size} pure-noise {label}: {ood[kind]['abstained']:.2%} (max output "
-              f"{ood[kind]['max_out']:.3g}, mean of the largest inference presence score "
-              f"{ood[kind]['mean_max_presence']:.3g}); with the paper's threshold at 95 % of the test images "
-              f"(max output >= {threshold:.3g}) {ood[kind]['fpr_at_95_tpr']:.2%} of them are taken as "
-              "in-distribution")
+    cls_epochs = args.classifier_only_epochs
+    classifier_only = None
+    zero_always = args.zero_class_independent
+    if cls_epochs or zero_always is not None:
+        pooled, labels = pooled_scores(model, proj_loader)
+    if zero_always is not None:
+        cols = zero_class_independent_prototypes(model, pooled, labels, fraction=zero_always)
+        print(f"prototypes present on >= {zero_always:.0%} of the training images of every class (columns zeroed): "
+              f"{cols.tolist()}")
+    if cls_epochs:
+        cls_shrink = args.classifier_only_shrink if args.classifier_only_shrink is not None else 5e-3
+        classifier_only = train_classifier_cached(
+            model, pooled, labels, cls_epochs, args.batch_size, optimizer=args.classifier_only_optimizer,
+            lr=args.classifier_only_lr * args.lr_scale, weight_decay=args.classifier_only_weight_decay,
+            weight_shrink=cls_shrink, seed=args.seed, log=print)
+        print(f"classifier-only phase: {classifier_only['steps']} steps of {args.classifier_only_optimizer} (lr "
+              f"{args.classifier_only_lr * args.lr_scale:g}, weight decay {args.classifier_only_weight_decay:g}, "
+              f"shrink {cls_shrink:g}) on the cached presence scores of the training set, "
+              f"{classifier_only['seconds']:.1f} s; train acc {classifier_only['train_acc']:.4f}")
+    seconds = time.perf_counter() - t0
+    report = report_pipnet(model, proj_loader, test_loader, args.test_size, seed=args.seed)
+    test, ood, zeroed, topk = report["test"], report["noise"], report["zeroed_prototypes"], report["topk"]
     print(f"global size {test['global_size']} of D = {model.num_prototypes}; local size per test image "
           f"{test['local_size_predicted']:.2f} (predicted class), {test['local_size_all']:.2f} (all classes); "
           f"sparsity {test['sparsity']:.2%}; training {seconds:.1f} s")
     extra = {"train": {k: v for k, v in vars(args).items() if k not in ("func", "argv")}, "test": test,
-             "noise": ood, "zeroed_prototypes": zeroed.tolist(), "seconds": seconds,
-             "history": result.history}
+             "noise": ood, "zeroed_prototypes": zeroed, "seconds": seconds,
+             "classifier_only": classifier_only, "history": result.history}
     save_pipnet_checkpoint(model, args.out, extra=extra)
     print(f"checkpoint written to {os.path.abspath(args.out)} (model.pt, config.json)")
     if not args.no_figure:

@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader
 from protofast.cli import main
 from protofast.data import SyntheticParts
 from protofast.models import PIPNet, SmallCNN, dataset_topk
-from protofast.pipnet_train import (TwoViewAugment, _shift, evaluate_pipnet, load_pipnet_checkpoint, noise_images,
-                                    save_pipnet_checkpoint, save_topk_figure, train_pipnet, warmup_backbone)
+from protofast.pipnet_train import (TwoViewAugment, _shift, classification_loss, evaluate_pipnet,
+                                    load_pipnet_checkpoint, noise_images, pooled_scores, save_pipnet_checkpoint,
+                                    save_topk_figure, train_classifier_cached, train_pipnet, warmup_backbone,
+                                    zero_class_independent_prototypes)
 
 
 def _tiny(seed=0, D=8):
@@ -121,6 +123,104 @@ def test_backbone_warmup_trains_the_backbone_only():
     assert all(not torch.equal(a, b) for a, b in zip(before, backbone.parameters()))
 
 
+# ---------------------------------------------------------------------------------------------- classifier only
+def test_classification_loss_is_the_classification_term_of_pipnet_losses():
+    model = _tiny(3)
+    with torch.no_grad():
+        model.classification.weight.uniform_(-0.5, 2.0)                       # some weights <= 0 (relu)
+    x = torch.rand(12, 3, 16, 16)                                             # two views of 6 images
+    y = torch.tensor([0, 1, 2, 3, 1, 2])
+    res = model.losses(x, y, phase="finetune")
+    torch.testing.assert_close(classification_loss(model, res.pooled, torch.cat([y, y])), res.classification)
+    torch.testing.assert_close(res.loss, 2 * res.classification)
+
+
+def test_pooled_scores_are_the_presence_scores_of_every_batch():
+    model = _tiny(4)
+    data = _data(20)
+    pooled, labels = pooled_scores(model, DataLoader(data, batch_size=7))
+    with torch.no_grad():
+        ref = model.presence(data.images)[0]
+        ref_inf = model.presence(data.images, inference=True)[0]
+    torch.testing.assert_close(pooled, ref)
+    torch.testing.assert_close(pooled_scores(model, DataLoader(data, batch_size=7), inference=True)[0], ref_inf)
+    assert torch.equal(labels, data.labels)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_classifier_only_phase_steps_only_the_classifier_and_shrinks(optimizer):
+    torch.manual_seed(5)
+    model = _tiny(5, D=6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    pooled = torch.rand(40, 6, generator=g) * 0.2
+    pooled[torch.arange(40), labels] = 1.0                                   # prototype k marks class k
+    pooled[:, 5] = 0.0                                                        # never present: zero gradient
+    w5 = float(model.classification.weight.detach()[:, 5].min())
+    r = train_classifier_cached(model, pooled, labels, epochs=3, batch_size=8, optimizer=optimizer, lr=0.05,
+                                weight_decay=1e-4, weight_shrink=0.01, seed=0)
+    assert r["steps"] == 3 * 5 and r["train_acc"] == 1.0 and r["loss"] > 0
+    for n, p in model.named_parameters():
+        if n == "classification.weight":
+            assert not torch.equal(p, before[n])
+        else:
+            assert torch.equal(p, before[n]), n                               # backbone, add-on, kappa frozen
+    W = model.classification.weight.detach()
+    assert float(W.min()) >= 0
+    # the never-present prototype gets no classification gradient: only the shrink (15 steps × 0.01) and, for
+    # SGD, the L2 decay (at most a factor (1 - 0.05·1e-4)^15·…) move it
+    expected = (before["classification.weight"][:, 5] - 0.15).clamp(min=0)
+    torch.testing.assert_close(W[:, 5], expected, atol=2e-3, rtol=0)
+    assert w5 > 0.15
+    assert model.weight_shrink == 1e-3                                       # restored
+    assert model.classification.weight.requires_grad
+
+
+def test_zero_class_independent_prototypes():
+    model = _tiny(8, D=5)                                                     # 4 classes
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3, 3])
+    pooled = torch.zeros(10, 5)
+    pooled[:, 0] = 0.5                                                        # on every image: zeroed
+    pooled[:, 1] = 0.5
+    pooled[9, 1] = 0.05                                                       # missing on 1 of 4 class-3 images
+    pooled[labels == 2, 2] = 1.0                                              # class-specific
+    pooled[:, 3] = 0.1                                                        # exactly at the threshold: present
+    pooled[:, 4] = 0.0999
+    w0 = model.classification.weight.detach().clone()
+    cols = zero_class_independent_prototypes(model, pooled, labels, fraction=0.99)
+    assert cols.tolist() == [0, 3]
+    W = model.classification.weight.detach()
+    assert float(W[:, [0, 3]].abs().max()) == 0.0 and torch.equal(W[:, [1, 2, 4]], w0[:, [1, 2, 4]])
+    assert zero_class_independent_prototypes(model, pooled, labels, fraction=0.75).tolist() == [0, 1, 3]
+    # a class without images does not count; threshold override
+    assert zero_class_independent_prototypes(_tiny(8, D=5), pooled[:4], labels[:4], threshold=0.09).tolist() == \
+        [0, 1, 3, 4]
+    with pytest.raises(ValueError, match="fraction"):
+        zero_class_independent_prototypes(model, pooled, labels, fraction=0.0)
+    with pytest.raises(ValueError, match="pooled"):
+        zero_class_independent_prototypes(model, pooled[:, :3], labels)
+    with pytest.raises(ValueError, match="labels"):
+        zero_class_independent_prototypes(model, pooled, labels[:3])
+
+
+def test_classifier_only_phase_rejects_bad_arguments():
+    model = _tiny(7, D=4)
+    pooled, labels = torch.rand(8, 4), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match="epochs"):
+        train_classifier_cached(model, pooled, labels, epochs=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_classifier_cached(model, pooled, labels, epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_classifier_cached(model, pooled, labels, epochs=1, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="pooled"):
+        train_classifier_cached(model, torch.rand(8, 3), labels, epochs=1)
+    with pytest.raises(ValueError, match="labels"):
+        train_classifier_cached(model, pooled, labels[:5], epochs=1)
+    with pytest.raises(ValueError, match="weight_shrink"):
+        train_classifier_cached(model, pooled, labels, epochs=1, weight_shrink=-1.0)
+
+
 def test_train_rejects_bad_arguments():
     with pytest.raises(TypeError, match="model"):
         train_pipnet(torch.nn.Linear(2, 2), [], epochs=1)
@@ -185,6 +285,26 @@ def test_cli_smoke(tmp_path, capsys):
     assert config["model"]["num_prototypes"] == 8 and config["model"]["weight_shrink"] == 0.01
     assert set(config["noise"]) == {"background", "uniform"}
     assert 0 <= config["noise"]["uniform"]["fpr_at_95_tpr"] <= 1
+
+
+def test_cli_classifier_only_phase(tmp_path, capsys):
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "pipnet", "--epochs", "1", "--train-size", "64", "--test-size", "32",
+                   "--batch-size", "32", "--num-prototypes", "8", "--threads", "1", "--backbone-warmup-epochs", "1",
+                   "--classifier-only-epochs", "3", "--classifier-only-optimizer", "sgd",
+                   "--classifier-only-weight-decay", "1e-4", "--classifier-only-shrink", "2e-3",
+                   "--zero-class-independent", "0.99",
+                   "--no-progress", "--no-figure", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert rc == 0 and "classifier-only phase: 6 steps of sgd" in text and "shrink 0.002" in text, text
+    assert "training images of every class (columns zeroed): [" in text
+    config = json.load(open(out / "config.json"))
+    assert config["classifier_only"]["steps"] == 6 and config["train"]["classifier_only_optimizer"] == "sgd"
+    assert config["model"]["weight_shrink"] == 1e-3                      # the phase's shrink is not stored
 
 
 # ---------------------------------------------------------------------------------------------- data
