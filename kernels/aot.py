@@ -8,7 +8,10 @@ Every kernel × every config its launcher can select × every dtype/constexpr co
     regs, stack, local   from ``cuobjdump --dump-resource-usage`` (the binary shipped in the triton wheel,
            ``triton/backends/nvidia/bin/cuobjdump``); STACK or LOCAL above 0 means register spills.
 
-``python -m protofast.kernels.aot`` prints the table; ``tests/test_triton_aot.py`` asserts the limits below.
+``python -m protofast.kernels.aot`` prints the table of every kernel family (``--family`` picks one: the
+distance kernels with their JIT-specialised workloads, PIP-Net's ``kernels/pipnet.py`` or the NMF kernels
+``kernels/nmf.py``); ``tests/test_triton_aot.py``, ``tests/test_triton_aot_pipnet.py`` and
+``tests/test_triton_aot_nmf.py`` assert the limits below.
 Compiles go through Triton's on-disk cache (``~/.triton/cache``), so a second run is fast; ``resource_table``
 also caches its rows per process.
 """
@@ -192,6 +195,28 @@ def resource_table(archs: tuple = ARCHS, workers: int = 2) -> tuple:
         return tuple(pool.map(lambda job: job[0](*job[1]), jobs))
 
 
+FAMILIES = ("distances", "pipnet", "nmf")
+
+
+def family_rows(family: str, archs: tuple = ARCHS, workers: int = 2) -> tuple:
+    """``Resources`` rows of one kernel family: ``"distances"`` is ``resource_table`` (generic variants plus the
+    JIT-specialised workloads); ``"pipnet"`` / ``"nmf"`` compile every variant of that module's
+    ``kernel_variants()`` (generic signatures) for every arch."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "distances":
+        return resource_table(archs, workers)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the AOT check compiles real cubins: run it without TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import importlib
+
+    module = importlib.import_module(f"{__package__}.{family}")
+    jobs = [(v, arch) for v in module.kernel_variants() for arch in archs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return tuple(pool.map(lambda job: _row(*job), jobs))
+
+
 def violations(rows) -> list[str]:
     """Rows that break a gate: shared memory above the arch's limit, or any spill (STACK or LOCAL > 0)."""
     bad = []
@@ -213,11 +238,16 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
     import time
 
+    parser = argparse.ArgumentParser(description="AOT compile gate of the Triton kernels (no GPU needed)")
+    parser.add_argument("--family", choices=("all",) + FAMILIES, default="all")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = resource_table()
+    families = FAMILIES if args.family == "all" else (args.family,)
+    rows = tuple(row for family in families for row in family_rows(family))
     print(format_table(rows))
     bad = violations(rows)
     print(f"\n{len(rows)} compilations in {time.perf_counter() - start:.1f} s; "

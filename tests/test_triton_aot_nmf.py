@@ -55,3 +55,13 @@ def test_no_spills_and_smem_within_limits(table):
         assert stack == 0 and local == 0, f"{label} spills on sm_{arch}: STACK={stack} LOCAL={local} (regs {regs})"
         assert smem <= aot.SMEM_LIMIT[arch], f"{label} needs {smem} B of shared memory on sm_{arch}"
         assert regs <= 255
+
+
+def test_family_rows_of_the_cli_table(table):
+    """``python -m protofast.kernels.aot --family nmf`` compiles the same variants (Triton's cache makes it cheap
+    after the fixture) and reports no violation; an unknown family is an error."""
+    rows = aot.family_rows("nmf")
+    assert len(rows) == len(table) == 2 * len(list(tk.kernel_variants()))
+    assert not aot.violations(rows)
+    with pytest.raises(ValueError, match="family"):
+        aot.family_rows("distance")
