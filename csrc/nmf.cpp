@@ -6,9 +6,11 @@
 //       -> gram_sq [K] float64 (empty unless gram)
 //     One multiplicative update of every active class, in place:
 //       E ← E ⊙ (A Bᵀ) / (E B Bᵀ),  then  B ← B ⊙ (Eᵀ A) / (Eᵀ E B)   (denominator entries == 0 become eps)
-//     in ONE streaming pass over A: for each row tile of a class, per row i: A_i Bᵀ (p dots), the new E_i from
-//     B Bᵀ (p×p, computed once per class), and the tile's partial Eᵀ A (p×D) and Eᵀ E (p×p); then per class the
-//     tiles' partials are summed in tile order and B is updated once. Nothing n×D besides A is written or read.
+//     in ONE streaming pass over A: for each row tile of a class, in chunks of 16 rows: A_i Bᵀ (p dots per row,
+//     register blocks of 4 rows × ≤ 4 prototypes), the new E_i from B Bᵀ (p×p, computed once per class) for the
+//     16 rows at once (one vector lane per row), and, while the chunk is in cache, its share of the tile's partial
+//     Eᵀ A (p×D) and Eᵀ E (p×p); then per class the tiles' partials are summed in tile order and B is updated
+//     once. Nothing n×D besides A is written or read.
 //     With gram: ‖A‖² − 2⟨Eᵀ A, B⟩ + ⟨Eᵀ E, B Bᵀ⟩ of the new factors, in double (a_sq = ‖A‖² per class).
 //     update_basis = false: B is fixed (nmf_encode), only E is updated.
 //     inner > 1 (accelerated MU, Gillis & Glineur 2012): each row's E rule is applied `inner` times with its
@@ -23,8 +25,9 @@
 //
 // Work is split into (class, row tile) tasks run with at::parallel_for; the tiles have a fixed number of rows
 // and partial sums are reduced in a fixed order, so a class's results are bitwise the same for any number of
-// threads and whichever other classes are in the batch (the caller may run classes in cache-sized blocks). Rows ≥ lengths[k] (padding) are never read. The caller
-// (protofast/ops/nmf.py) validates shapes, dtypes and values.
+// threads and whichever other classes are in the batch (the caller may run classes in cache-sized blocks).
+// Rows ≥ lengths[k] (padding) are never read. The caller (protofast/ops/nmf.py) validates shapes, dtypes and
+// values.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -94,7 +97,7 @@ inline T guard(T v, T eps) {
   return v == T(0) ? eps : v;
 }
 
-constexpr int64_t kRows = 4;  // rows updated together: each B row and each Eᵀ A row is loaded once per 4 rows
+constexpr int64_t kRows = 4;  // rows per register block: each B row and each Eᵀ A row is loaded once per 4 rows
 constexpr int64_t kMaxRank = 64;
 // The hot loops use explicit std::fma (one rounding per multiply-add; the build has -ffp-contract=off, so
 // nothing is fused implicitly): the same results on every path that shares these helpers.
@@ -347,9 +350,11 @@ double class_finish(const T* partials, int64_t count, T* Bk, int64_t p, int64_t 
 
 // ‖A − E B‖² over rows r0..r1 of one class: each row's squared residual in kLanes partial sums of T (D/16 terms
 // each), then added in double.
-// noipa: one compiled body (no inlining, no specialised clones) for nmf_residual and nmf_run, so both give bitwise the same error.
+// noipa: one compiled body (no inlining, no specialised clones) for nmf_residual and nmf_run, so both give
+// bitwise the same error.
 template <typename T>
-__attribute__((noipa)) double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t r1, int64_t p, int64_t D) {
+__attribute__((noipa)) double tile_residual(const T* Ak, const T* Ek, const T* Bk, int64_t r0, int64_t r1,
+                                           int64_t p, int64_t D) {
   double total = 0;
   for (int64_t i = r0; i < r1; ++i) {
     const T* a = Ak + i * D;
