@@ -65,6 +65,9 @@ class SyntheticParts(Dataset):
         distractors: maximum number of distractor parts per image (each present with probability 1/2, placed in
             regions the class does not use).
         noise: standard deviation of the background pixel noise.
+        clutter: number of random rectangles (random sizes, positions and colours; bars, lines and blocks) painted
+            into each image's background before the parts, like the clutter around the object in a natural
+            photo; 0 (default) gives the plain noisy background.
         seed: defines the classes (shared by both splits) and, with ``split``, the images.
         split: ``"train"`` or ``"test"``: independent image streams for the same classes.
 
@@ -74,7 +77,7 @@ class SyntheticParts(Dataset):
 
     def __init__(self, n_images: int, num_classes: int = 10, image_size: int = 32, part_size: int = 6,
                  num_parts: int = 6, parts_per_class: int = 2, distractors: int = 1, noise: float = 0.1,
-                 seed: int = 0, split: str = "train"):
+                 seed: int = 0, split: str = "train", clutter: int = 0):
         if split not in _SPLIT_STREAM:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not isinstance(n_images, int) or n_images < 1:
@@ -83,6 +86,8 @@ class SyntheticParts(Dataset):
             raise ValueError(f"parts_per_class must be in 1..4, got {parts_per_class}")
         if not 2 <= num_parts <= 8:
             raise ValueError(f"num_parts must be in 2..8, got {num_parts}")
+        if isinstance(clutter, bool) or not isinstance(clutter, int) or clutter < 0:
+            raise ValueError(f"clutter must be a non-negative int, got {clutter!r}")
         if part_size < 2 or part_size > image_size // 2:
             raise ValueError(f"part_size must be in 2..image_size//2 = {image_size // 2}, got {part_size}")
         max_classes = (4 * num_parts) // parts_per_class     # (part, region) pairs are not shared by classes
@@ -92,6 +97,7 @@ class SyntheticParts(Dataset):
         self.n_images, self.num_classes, self.image_size = n_images, num_classes, image_size
         self.part_size, self.num_parts, self.parts_per_class = part_size, num_parts, parts_per_class
         self.distractors, self.noise, self.seed, self.split = distractors, noise, seed, split
+        self.clutter = clutter
         self.num_distractor_parts = 2
         self.class_parts = self._design_classes()
         self.part_textures = torch.stack([_texture(p, part_size) for p in range(num_parts + 2)])
@@ -135,6 +141,8 @@ class SyntheticParts(Dataset):
         labels = (torch.arange(N) % self.num_classes)[torch.randperm(N, generator=g)]
         base = 0.25 + 0.35 * torch.rand(N, 3, 1, 1, generator=g)
         images = base + self.noise * torch.randn(N, 3, S, S, generator=g)
+        if self.clutter:
+            self._add_clutter(images)
         half = S // 2
         slack = half - ps                                # jitter range inside a quadrant
         # per image: the class parts, then the candidate distractors
@@ -168,6 +176,23 @@ class SyntheticParts(Dataset):
             boxes.append(img_boxes)
         return images.clamp_(0, 1).contiguous(), labels, boxes
 
+    def _add_clutter(self, images: Tensor) -> None:
+        """Paint ``clutter`` random rectangles per image into the background, in place (before the parts are
+        pasted, so parts stay intact): sides uniform in 1..S/2 (independently, so most are bars or lines), any
+        position (clipped at the border), colour uniform in [0, 1]³. Drawn from a separate generator, so images
+        without clutter are bit-identical to before the option existed."""
+        N, _, S, _ = images.shape
+        g = torch.Generator().manual_seed(2_000_029 * self.seed + 104_729 * (_SPLIT_STREAM[self.split] + 1) + 3)
+        size = torch.randint(1, S // 2 + 1, (N, self.clutter, 2), generator=g).tolist()
+        corner = torch.randint(-S // 4, S, (N, self.clutter, 2), generator=g).tolist()
+        colour = torch.rand(N, self.clutter, 3, generator=g)
+        for n in range(N):
+            for c in range(self.clutter):
+                top, left = max(corner[n][c][0], 0), max(corner[n][c][1], 0)
+                bottom, right = corner[n][c][0] + size[n][c][0], corner[n][c][1] + size[n][c][1]
+                if bottom > top and right > left:
+                    images[n, :, top:bottom, left:right] = colour[n, c, :, None, None]
+
     # ------------------------------------------------------------------------------------------ API
     def __len__(self) -> int:
         return self.n_images
@@ -187,7 +212,8 @@ class SyntheticParts(Dataset):
         """Constructor arguments (JSON-serialisable): ``SyntheticParts(**config)`` rebuilds the same images."""
         return dict(n_images=self.n_images, num_classes=self.num_classes, image_size=self.image_size,
                     part_size=self.part_size, num_parts=self.num_parts, parts_per_class=self.parts_per_class,
-                    distractors=self.distractors, noise=self.noise, seed=self.seed, split=self.split)
+                    distractors=self.distractors, noise=self.noise, seed=self.seed, split=self.split,
+                    clutter=self.clutter)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

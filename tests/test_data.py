@@ -119,3 +119,28 @@ def test_train_test_datasets_for_the_cli():
     assert isinstance(train_set, SyntheticParts) and len(train_set) == 12 and len(test_set) == 8 and k == 10
     with pytest.raises(ValueError, match="dataset must be"):
         train_test_datasets("cifar")
+
+
+def test_clutter_paints_the_background_and_leaves_everything_else_unchanged():
+    plain = SyntheticParts(40, seed=2)
+    assert torch.equal(SyntheticParts(40, seed=2, clutter=0).images, plain.images)     # the option is opt-in
+    ds = SyntheticParts(40, seed=2, clutter=6)
+    again = SyntheticParts(40, seed=2, clutter=6)
+    assert torch.equal(ds.images, again.images)                                          # seeded
+    assert not torch.equal(SyntheticParts(40, seed=2, clutter=6, split="test").images[:40], ds.images)
+    assert torch.equal(ds.labels, plain.labels) and ds._boxes == plain._boxes             # same classes and layout
+    changed = (ds.images != plain.images).any(1)                                          # [N, S, S]
+    assert 0.1 < float(changed.float().mean()) < 0.9
+    for i in range(len(ds)):                                                              # parts are pasted on top
+        for p, top, left, bottom, right in ds.part_locations(i).tolist():
+            on = ds.part_textures[p] > 0
+            assert torch.equal(ds.images[i, :, top:bottom, left:right][:, on],
+                               plain.images[i, :, top:bottom, left:right][:, on])
+    # clutter rectangles are flat: many more neighbouring pixels share one colour than on the noisy background
+    def flat(x):
+        return float((x[:, :, :, 1:] == x[:, :, :, :-1]).all(1).float().mean())
+    assert flat(ds.images) > flat(plain.images) + 0.1
+    assert ds.config()["clutter"] == 6 and SyntheticParts(**ds.config()).images.equal(ds.images)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="clutter"):
+            SyntheticParts(4, clutter=bad)
