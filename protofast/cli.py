@@ -292,9 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--weight-shrink", type=float, metavar="S",
                          help="pipnet: subtracted from every classifier weight after each step of the schedule "
                               "(default 1e-3, the original's; the classifier-only phase sparsifies afterwards)")
-    p_train.add_argument("--part-sets", action="store_true",
+    p_train.add_argument("--part-sets", action=argparse.BooleanOptionalAction, default=None,
                          help="pipnet: train on protofast.pipnet_train.SyntheticPartSets (8 classes, one part each at "
-                              "a random place; SmallCNN without coordinates) instead of SyntheticParts")
+                              "a random place; SmallCNN without coordinates; the default) or, with --no-part-sets, on "
+                              "SyntheticParts (10 classes of parts in given quadrants; SmallCNN with coordinates)")
+    p_train.add_argument("--align-weight", type=float, metavar="W",
+                         help="pipnet: weight of the align loss in the training phase (default 0.1; the original's 5 "
+                              "makes one background prototype swallow the parts of some classes here)")
+    p_train.add_argument("--augment-noise", type=float, metavar="S",
+                         help="pipnet: standard deviation of the per-view pixel noise of the two-view augmentation "
+                              "(default 0.03)")
+    p_train.add_argument("--clutter", type=int, default=0, metavar="N",
+                         help="pipnet: paint N random rectangles (bars, lines, blocks of random colour) into every "
+                              "synthetic image's background, like the clutter of a natural photo (default 0)")
     p_train.add_argument("--classifier-only-epochs", type=int, default=80, metavar="N",
                          help="pipnet: after the schedule, N epochs of classifier-only steps (backbone and add-on "
                               "frozen) with the weight shrink on the cached presence scores of the training set "
@@ -310,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--zero-class-independent", type=float, metavar="F",
                          help="pipnet: before the classifier-only phase, zero the classifier column of every prototype "
                               "present (score >= 0.1) on at least a fraction F (e.g. 0.99) of the training images of "
-                              "every class (off by default)")
+                              "every class (off by default); also after every training epoch from "
+                              "--zero-class-independent-start on, while the backbone still learns")
+    p_train.add_argument("--zero-class-independent-start", type=int, default=1, metavar="E",
+                         help="pipnet: first training epoch after which --zero-class-independent runs (default 1)")
     p_train.set_defaults(func=cmd_train)
     return parser
 

@@ -6,8 +6,10 @@ Schedule (M-Nauta/PIPNet, SEMANTICS.md §2.3, scaled by the arguments):
 - ``pretrain_epochs`` epochs ``e = 1..P``: ``L = (e/P)·L_A + 5·L_T`` (:func:`protofast.pipnet_losses` with
   ``phase="pretrain"``), backbone and add-on stepped, classifier not;
 - ``epochs`` epochs: the first ``finetune_epochs`` (only when ``pretrain_epochs > 0``, as the original) step only
-  the classifier on ``2·L_C``; then ``5·L_A + 2·L_T + 2·L_C`` with everything stepped. After every step of this
-  phase :meth:`PIPNet.shrink_weights_` (``Wc ← max(Wc − 1e-3, 0)``, ``κ ≥ 1``, ``bias ≥ 0``).
+  the classifier on ``2·L_C``; then ``λ_A·L_A + 2·L_T + 2·L_C`` with everything stepped (λ_A = 5 in the original
+  and by default; the CLI uses 0.1, with which every class of the synthetic sets keeps a part prototype of its own,
+  docs/pipnet.md). After every step of this phase :meth:`PIPNet.shrink_weights_` (``Wc ← max(Wc − 1e-3, 0)``,
+  ``κ ≥ 1``, ``bias ≥ 0``).
 
 Optimizers: AdamW (weight decay 0), one per phase, parameter groups of :meth:`PIPNet.param_groups`.
 
@@ -65,13 +67,14 @@ class SyntheticPartSets(SyntheticParts):
     the classes with no part in r, and such background prototypes, present in every image, keep classifier weights
     and prevent abstention on part-free images. Here location carries no class information, so a
     translation-equivariant backbone (``SmallCNN(coords=False)``) suffices and a background prototype is
-    uninformative (measured: this alone does not make PIP-Net abstain on noise, see docs/pipnet.md). Same arguments
+    uninformative (measured: this alone did not make PIP-Net abstain on noise; with the CLI's align weight 0.1 it
+    abstains on part-free noise, see docs/pipnet.md). The default data of ``protofast train pipnet``. Same arguments
     as SyntheticParts (``num_classes`` ≤ C(num_parts, parts_per_class)).
     """
 
     def __init__(self, n_images: int, num_classes: int = 10, image_size: int = 32, part_size: int = 6,
                  num_parts: int = 8, parts_per_class: int = 2, distractors: int = 1, noise: float = 0.1,
-                 seed: int = 0, split: str = "train"):
+                 seed: int = 0, split: str = "train", clutter: int = 0):
         if not 1 <= parts_per_class <= 4:
             raise ValueError(f"parts_per_class must be in 1..4, got {parts_per_class}")
         if not 2 <= num_parts <= 8:
@@ -85,7 +88,7 @@ class SyntheticPartSets(SyntheticParts):
         # SyntheticParts validates a (part, region)-class count; pass a valid one, _design_classes replaces it
         super().__init__(n_images, num_classes=2, image_size=image_size, part_size=part_size, num_parts=num_parts,
                          parts_per_class=parts_per_class, distractors=distractors, noise=noise, seed=seed,
-                         split=split)
+                         split=split, clutter=clutter)
         self.layouts = self.class_parts
         self.layout_labels = self.labels
         self.labels = self.layout_labels // self.layouts_per_class
@@ -294,7 +297,10 @@ def _set_trainable(model: PIPNet, backbone: bool, add_on: bool, classifier: bool
 def train_pipnet(model: PIPNet, train_loader, test_loader=None, epochs: int = 10, pretrain_epochs: int = 3,
                  finetune_epochs: int = 1, *, augment: Optional[Callable[[Tensor], Tensor]] = None,
                  lrs: Optional[Dict[str, float]] = None, lr_scale: float = 1.0, device=None, progress: bool = True,
-                 log: Optional[Callable[[str], None]] = print, seed: int = 0) -> PIPNetTrainResult:
+                 log: Optional[Callable[[str], None]] = print, seed: int = 0,
+                 zero_class_independent: Optional[float] = None,
+                 zero_class_independent_start: int = 1,
+                 align_weight: Optional[float] = None) -> PIPNetTrainResult:
     """Train ``model`` with the original's pretrain / finetune / train schedule (module docstring).
 
     Args:
@@ -305,6 +311,16 @@ def train_pipnet(model: PIPNet, train_loader, test_loader=None, epochs: int = 10
         epochs / pretrain_epochs / finetune_epochs: see the module docstring.
         lrs, lr_scale: per group (``backbone``, ``add_on``, ``classification``) and a common factor.
         progress: tqdm bars; log: per-epoch line sink (None: silent).
+        zero_class_independent: a fraction F (protofast's addition, not in the original; None = off): after every
+            ``"train"`` epoch, :func:`zero_class_independent_prototypes` on the un-augmented presence scores of
+            ``train_loader``'s images zeroes the classifier column of every prototype present on ≥ F of the images
+            of every class, while the backbone can still learn a part prototype for a class that such prototypes
+            would otherwise carry. The zeroed indices of each epoch are in ``history[i]["zeroed"]``.
+        align_weight: λ_A of the ``"train"`` phase (None: the original's 5). On the small synthetic set-up 5 makes
+            one background prototype swallow the parts of some classes (docs/pipnet.md); the CLI uses 0.5.
+        zero_class_independent_start: the first epoch (1-based, counted in ``epochs``) after which that rule runs;
+            earlier the prototypes are not yet specialised and fire on most images, and a zeroed column stays
+            zero (the relu'd weight gets no gradient).
     """
     from tqdm.auto import tqdm
 
@@ -363,9 +379,12 @@ def train_pipnet(model: PIPNet, train_loader, test_loader=None, epochs: int = 10
                 groups = [g for g in groups if g["name"] == "classification"]
             opt, current = torch.optim.AdamW(groups), phase
         t0 = time.perf_counter()
-        terms, acc = run_epoch(phase, opt, f"{phase} {e}")
+        terms, acc = run_epoch(phase, opt, f"{phase} {e}", align_weight=align_weight if phase == "train" else None)
         row = dict(epoch=e, phase=phase, train_loss=terms["loss"], align=terms["align"], tanh=terms["tanh"],
                    classification=terms["classification"], train_acc=acc, seconds=time.perf_counter() - t0)
+        if zero_class_independent is not None and phase == "train" and e >= zero_class_independent_start:
+            pooled, labels = pooled_scores(model, train_loader, device)
+            row["zeroed"] = zero_class_independent_prototypes(model, pooled, labels, zero_class_independent).tolist()
         if test_loader is not None:
             test = evaluate_pipnet(model, test_loader, device)
             row.update({f"test_{k}": v for k, v in test.items()})
@@ -374,7 +393,7 @@ def train_pipnet(model: PIPNet, train_loader, test_loader=None, epochs: int = 10
             f" LC {row['classification']:.3f})  train acc {acc:.3f}"
             + (f"  test acc {test['accuracy']:.3f}, global size {test['global_size']}/{test['num_prototypes']}, "
                f"local size {test['local_size_predicted']:.2f}" if test else "")
-            + f"  {row['seconds']:5.1f} s")
+            + f"  {row['seconds']:5.1f} s" + (f"  zeroed {row['zeroed']}" if row.get("zeroed") else ""))
     _set_trainable(model, True, True, True)
     return PIPNetTrainResult(history=history, test=test, seconds=time.perf_counter() - start)
 
@@ -611,15 +630,18 @@ def cli_train_pipnet(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    part_sets = bool(getattr(args, "part_sets", False))
+    part_sets = getattr(args, "part_sets", None) is not False          # --part-sets is the default
+    clutter = int(getattr(args, "clutter", 0) or 0)
     if args.dataset == "synthetic":
-        # default: SyntheticParts, whose classes depend on which part is in which quadrant (with SmallCNN's
-        # coordinate channels); --part-sets: SyntheticPartSets, one part per class at a random place, no coordinates
+        # default (--part-sets): SyntheticPartSets, one part per class at a random place, no coordinates;
+        # --no-part-sets: SyntheticParts, whose classes depend on which part is in which quadrant (with SmallCNN's
+        # coordinate channels), which a scoring sheet of present parts can only express through coordinates
         if part_sets:
             make = functools.partial(SyntheticPartSets, num_classes=8, parts_per_class=1, num_parts=8,
-                                     image_size=32, seed=args.seed)
+                                     image_size=32, seed=args.seed, clutter=clutter)
         else:
-            make = functools.partial(pf_data.SyntheticParts, num_classes=10, image_size=32, seed=args.seed)
+            make = functools.partial(pf_data.SyntheticParts, num_classes=10, image_size=32, seed=args.seed,
+                                     clutter=clutter)
         train_set, test_set = make(args.train_size, split="train"), make(args.test_size, split="test")
         num_classes = train_set.num_classes
     else:
@@ -641,22 +663,29 @@ def cli_train_pipnet(args) -> int:
     pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else 0
     warmup = args.backbone_warmup_epochs
     epochs = args.epochs
+    align_weight = args.align_weight if getattr(args, "align_weight", None) is not None else 0.1
     if args.out == "protofast-protopnet":                  # the protopnet default of the shared --out option
         args.out = "protofast-pipnet"
     print(f"protofast train pipnet: {repr(train_set) if args.dataset == 'synthetic' else args.dataset} "
           f"({len(train_set)} train / {len(test_set)} test, {num_classes} classes), SmallCNN backbone "
           f"({'with' if coords else 'no'} coordinate channels), D = {D} prototypes, {torch.get_num_threads()} "
           "threads; backbone warm-up "
-          f"{warmup} + pretrain {pretrain} + train {epochs} epochs + classifier-only {args.classifier_only_epochs} "
-          "epochs")
+          f"{warmup} + pretrain {pretrain} + train {epochs} epochs (align weight {align_weight:g}) + classifier-only "
+          f"{args.classifier_only_epochs} epochs")
     t0 = time.perf_counter()
     if warmup:
         warmup_backbone(backbone, train_loader, num_classes, epochs=warmup, lr=1e-3 * args.lr_scale,
                         progress=not args.no_progress, log=print)
     model = PIPNet(backbone, num_classes, num_prototypes=D, weight_shrink=shrink)
     lrs = {"backbone": 1e-3 * args.lr_scale, "add_on": 1e-3 * args.lr_scale, "classification": 0.05 * args.lr_scale}
+    augment_noise = getattr(args, "augment_noise", None)
+    augment = TwoViewAugment(noise=0.03 if augment_noise is None else augment_noise,
+                             generator=torch.Generator().manual_seed(args.seed))
     result = train_pipnet(model, train_loader, test_loader, epochs=epochs, pretrain_epochs=pretrain,
-                          finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed)
+                          finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed,
+                          zero_class_independent=args.zero_class_independent,
+                          zero_class_independent_start=getattr(args, "zero_class_independent_start", 1),
+                          align_weight=align_weight, augment=augment)
     proj_loader = DataLoader(train_set, batch_size=256)
     cls_epochs = args.classifier_only_epochs
     classifier_only = None

@@ -349,3 +349,61 @@ def test_cli_part_sets_uses_the_part_set_data_and_no_coordinates(tmp_path, capsy
     config = json.load(open(out / "config.json"))
     assert config["model"]["backbone"]["kwargs"]["coords"] is False and config["model"]["num_classes"] == 8
     assert config["train"]["part_sets"] is True
+
+
+def _train_once(**kwargs):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _tiny()
+        loader = DataLoader(_data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        result = train_pipnet(model, loader, None, epochs=2, pretrain_epochs=0, progress=False, log=None, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    return model, result
+
+
+def test_train_phase_align_weight():
+    default, res = _train_once()
+    five, _ = _train_once(align_weight=5.0)
+    none, res0 = _train_once(align_weight=0.0)
+    for a, b in zip(default.parameters(), five.parameters()):
+        assert torch.equal(a, b)                                   # None is the original's λ_A = 5
+    assert not torch.equal(default.add_on.weight, none.add_on.weight)
+    # the reported align term is the unweighted L_A; the loss changes with its weight
+    assert res0.history[0]["align"] > 0
+    assert res0.history[0]["train_loss"] < res.history[0]["train_loss"]
+
+
+def test_zero_class_independent_during_training():
+    model, res = _train_once(zero_class_independent=0.001, zero_class_independent_start=2)
+    assert "zeroed" not in res.history[0]                          # epoch 1 < start
+    zeroed = res.history[1]["zeroed"]
+    assert zeroed                                                  # F = 0.001: every prototype seen in every class
+    pooled, labels = pooled_scores(model, DataLoader(_data(), batch_size=48))
+    present = pooled >= model.inference_clamp
+    every = torch.stack([present[labels == k].float().mean(0) for k in labels.unique()]).min(0).values >= 0.001
+    assert set(torch.nonzero(every).flatten().tolist()) == set(zeroed)
+    assert float(model.classification.weight.detach()[:, zeroed].abs().max()) == 0.0
+    off, res_off = _train_once()
+    assert all("zeroed" not in row for row in res_off.history)
+
+
+def test_cli_defaults_to_part_sets_and_no_part_sets_uses_quadrant_classes(tmp_path, capsys):
+    args = ["train", "pipnet", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "32",
+            "--num-prototypes", "8", "--threads", "1", "--backbone-warmup-epochs", "1", "--no-progress", "--no-figure",
+            "--classifier-only-epochs", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--out", str(tmp_path / "a")]) == 0
+        text = capsys.readouterr().out
+        assert "SyntheticPartSets(" in text and "align weight 0.1" in text and "clutter=0" in text
+        assert main(args + ["--out", str(tmp_path / "b"), "--no-part-sets", "--align-weight", "5", "--clutter", "3",
+                            "--augment-noise", "0.1"]) == 0
+        text = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert "SyntheticParts(" in text and "with coordinate channels" in text and "align weight 5" in text
+    assert "clutter=3" in text
+    config = json.load(open(tmp_path / "b" / "config.json"))
+    assert config["train"]["part_sets"] is False and config["train"]["augment_noise"] == 0.1
