@@ -45,7 +45,7 @@ from .models.pipnet import PIPNet, dataset_topk, zero_unused_prototypes
 
 __all__ = ["SyntheticPartSets", "TwoViewAugment", "PIPNetTrainResult", "train_pipnet", "warmup_backbone",
            "evaluate_pipnet", "classification_loss", "pooled_scores", "train_classifier_cached",
-           "zero_class_independent_prototypes", "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure",
+           "zero_class_independent_prototypes", "class_part_prototypes", "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure",
            "noise_images", "report_pipnet", "cli_train_pipnet"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
@@ -581,6 +581,33 @@ def save_topk_figure(topk, images: Tensor, path: str, prototypes=None, patch: Op
     return path
 
 
+@torch.no_grad()
+def class_part_prototypes(model: PIPNet, pooled: Tensor, labels: Tensor, own: float = 0.9, other: float = 0.5,
+                          threshold: Optional[float] = None) -> Dict[int, List[int]]:
+    """For every class k, its *own* prototypes: those with a classifier weight (:meth:`PIPNet.used_prototypes`) that
+    are present (``pooled ≥ threshold``, default the inference clamp 0.1) on at least a fraction ``own`` of the
+    images of class k and on less than ``other`` of the images of every other class. ``pooled [N, D]`` and
+    ``labels [N]`` as returned by :func:`pooled_scores` on the training set. A class with an empty list is predicted
+    only from prototypes shared with other classes (typically background prototypes present on every image), and
+    PIP-Net cannot abstain on part-free images then (docs/pipnet.md). Classes without images get an empty list."""
+    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
+        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
+    if labels.shape != pooled.shape[:1]:
+        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
+    threshold = model.inference_clamp if threshold is None else threshold
+    present = (pooled >= threshold).float()
+    K = model.num_classes
+    rates = torch.stack([present[labels == k].mean(0) if bool((labels == k).any())
+                         else torch.full_like(present[0], float("nan")) for k in range(K)])          # [K, D]
+    used = set(model.used_prototypes().tolist())
+    result: Dict[int, List[int]] = {}
+    for k in range(K):
+        others = torch.cat([rates[:k], rates[k + 1:]]).nan_to_num(0.0)
+        mine = (rates[k] >= own) & (others < other).all(0)
+        result[k] = [m for m in torch.nonzero(mine).flatten().tolist() if m in used]
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: int = 0, image_size: int = 32,
                   log: Optional[Callable[[str], None]] = print) -> dict:
@@ -588,7 +615,8 @@ def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: 
     :func:`zero_unused_prototypes` (mutates the model), :func:`evaluate_pipnet` on ``test_loader`` and on
     ``n_noise`` images of each :func:`noise_images` kind (seed ``seed + 1``): abstention, max output, mean largest
     inference presence score and the fraction above the 95 %-TPR threshold of the test images. Returns ``test``,
-    ``noise`` (per kind), ``zeroed_prototypes`` (list), ``threshold``, ``topk``."""
+    ``noise`` (per kind), ``zeroed_prototypes`` (list), ``threshold``, ``topk``, ``own_prototypes``
+    (:func:`class_part_prototypes` on the training set)."""
     from torch.utils.data import DataLoader
 
     say = log if log is not None else (lambda _msg: None)
@@ -607,7 +635,11 @@ def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: 
         ood[kind]["max_out"] = float(noise_out.max())
         ood[kind]["mean_max_presence"] = float(noise_pooled.max(1).values.mean())
         ood[kind]["fpr_at_95_tpr"] = float((noise_out.max(1).values >= threshold).float().mean())
+    own = class_part_prototypes(model, *pooled_scores(model, train_loader))
     say(f"prototypes never above 0.1 in the training set (columns zeroed): {zeroed.tolist()}")
+    say("own part prototypes per class (present on >= 90 % of its training images, < 50 % of every other class's): "
+        + ", ".join(f"{k}: {v}" for k, v in own.items())
+        + f"; classes without: {[k for k, v in own.items() if not v]}")
     say(f"test accuracy {test['accuracy']:.4f} (abstained on {test['abstained']:.2%} of test images)")
     for kind, label in (("background", "part-free noise images (SyntheticParts' background noise)"),
                         ("uniform", "uniform-noise images")):
@@ -616,7 +648,8 @@ def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: 
             f"{ood[kind]['mean_max_presence']:.3g}); with the paper's threshold at 95 % of the test images "
             f"(max output >= {threshold:.3g}) {ood[kind]['fpr_at_95_tpr']:.2%} of them are taken as "
             "in-distribution")
-    return dict(test=test, noise=ood, zeroed_prototypes=zeroed.tolist(), threshold=threshold, topk=topk)
+    return dict(test=test, noise=ood, zeroed_prototypes=zeroed.tolist(), threshold=threshold, topk=topk,
+                own_prototypes=own)
 
 
 def cli_train_pipnet(args) -> int:
@@ -713,8 +746,8 @@ def cli_train_pipnet(args) -> int:
           f"{test['local_size_predicted']:.2f} (predicted class), {test['local_size_all']:.2f} (all classes); "
           f"sparsity {test['sparsity']:.2%}; training {seconds:.1f} s")
     extra = {"train": {k: v for k, v in vars(args).items() if k not in ("func", "argv")}, "test": test,
-             "noise": ood, "zeroed_prototypes": zeroed, "seconds": seconds,
-             "classifier_only": classifier_only, "history": result.history}
+             "noise": ood, "zeroed_prototypes": zeroed, "own_prototypes": report["own_prototypes"],
+             "seconds": seconds, "classifier_only": classifier_only, "history": result.history}
     save_pipnet_checkpoint(model, args.out, extra=extra)
     print(f"checkpoint written to {os.path.abspath(args.out)} (model.pt, config.json)")
     if not args.no_figure:

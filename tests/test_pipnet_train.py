@@ -398,6 +398,7 @@ def test_cli_defaults_to_part_sets_and_no_part_sets_uses_quadrant_classes(tmp_pa
         assert main(args + ["--out", str(tmp_path / "a")]) == 0
         text = capsys.readouterr().out
         assert "SyntheticPartSets(" in text and "align weight 0.1" in text and "clutter=0" in text
+        assert "own part prototypes per class" in text and "classes without" in text
         assert main(args + ["--out", str(tmp_path / "b"), "--no-part-sets", "--align-weight", "5", "--clutter", "3",
                             "--augment-noise", "0.1"]) == 0
         text = capsys.readouterr().out
@@ -407,3 +408,29 @@ def test_cli_defaults_to_part_sets_and_no_part_sets_uses_quadrant_classes(tmp_pa
     assert "clutter=3" in text
     config = json.load(open(tmp_path / "b" / "config.json"))
     assert config["train"]["part_sets"] is False and config["train"]["augment_noise"] == 0.1
+
+
+def test_class_part_prototypes():
+    from protofast.pipnet_train import class_part_prototypes
+    model = PIPNet(SmallCNN(channels=(8,)), 3, num_prototypes=5)
+    with torch.no_grad():
+        model.classification.weight.zero_()
+        model.classification.weight[:, :4] = 1.0                  # prototype 4 has no weight: never "own"
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    pooled = torch.zeros(30, 5)
+    pooled[:10, 0] = 0.9                                           # P0: every class-0 image, no other → own of 0
+    pooled[:10, 4] = 0.9                                           # P4: same pattern but unused
+    pooled[:, 1] = 0.5                                             # P1: every image → nobody's own
+    pooled[10:19, 2] = 0.3                                         # P2: 9 of 10 class-1 images (= 0.9) → own of 1
+    pooled[20:28, 3] = 0.3                                         # P3: 8 of 10 class-2 images → below 0.9
+    pooled[:4, 3] = 0.3                                            # ... and 40 % of class 0 (< 0.5)
+    own = class_part_prototypes(model, pooled, labels)
+    assert own == {0: [0], 1: [2], 2: []}
+    assert class_part_prototypes(model, pooled, labels, own=0.8) == {0: [0], 1: [2], 2: [3]}
+    assert class_part_prototypes(model, pooled, labels, own=0.8, other=0.4) == {0: [0], 1: [2], 2: []}
+    assert class_part_prototypes(model, pooled, labels, threshold=0.4) == {0: [0], 1: [], 2: []}
+    assert class_part_prototypes(model, pooled[:20], labels[:20]) == {0: [0], 1: [2], 2: []}   # class 2 absent
+    with pytest.raises(ValueError, match="pooled"):
+        class_part_prototypes(model, pooled[:, :4], labels)
+    with pytest.raises(ValueError, match="labels"):
+        class_part_prototypes(model, pooled, labels[:5])
