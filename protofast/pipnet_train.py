@@ -422,6 +422,19 @@ def pooled_scores(model: PIPNet, loader, device=None, inference: bool = False):
     return torch.cat(pooled), torch.cat(labels)
 
 
+def _presence_rates(model: PIPNet, pooled: Tensor, labels: Tensor, threshold: Optional[float]) -> Tensor:
+    """``[K, D]``: the fraction of the images of class k on which prototype d is present (``pooled ≥ threshold``,
+    default the inference clamp); NaN rows for classes without images."""
+    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
+        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
+    if labels.shape != pooled.shape[:1]:
+        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
+    threshold = model.inference_clamp if threshold is None else threshold
+    present = (pooled >= threshold).float()
+    return torch.stack([present[labels == k].mean(0) if bool((labels == k).any())
+                        else torch.full_like(present[0], float("nan")) for k in range(model.num_classes)])
+
+
 @torch.no_grad()
 def zero_class_independent_prototypes(model: PIPNet, pooled: Tensor, labels: Tensor, fraction: float = 0.99,
                                       threshold: Optional[float] = None) -> Tensor:
@@ -432,16 +445,11 @@ def zero_class_independent_prototypes(model: PIPNet, pooled: Tensor, labels: Ten
     that match the rule, whether or not their column was already zero)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
-        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
-    if labels.shape != pooled.shape[:1]:
-        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
-    threshold = model.inference_clamp if threshold is None else threshold
-    present = (pooled >= threshold).float()
-    rates = [present[labels == k].mean(0) for k in range(model.num_classes) if bool((labels == k).any())]
-    if not rates:
+    rates = _presence_rates(model, pooled, labels, threshold)
+    rates = rates[~rates.isnan().any(1)]                                                     # classes with images
+    if not len(rates):
         return torch.zeros(0, dtype=torch.long)
-    always = torch.stack(rates).min(0).values >= fraction                                     # [D]
+    always = rates.min(0).values >= fraction                                                 # [D]
     cols = torch.nonzero(always).flatten()
     model.classification.weight[:, cols.to(model.classification.weight.device)] = 0.0
     return cols.cpu()
@@ -590,15 +598,8 @@ def class_part_prototypes(model: PIPNet, pooled: Tensor, labels: Tensor, own: fl
     ``labels [N]`` as returned by :func:`pooled_scores` on the training set. A class with an empty list is predicted
     only from prototypes shared with other classes (typically background prototypes present on every image), and
     PIP-Net cannot abstain on part-free images then (docs/pipnet.md). Classes without images get an empty list."""
-    if pooled.dim() != 2 or pooled.shape[1] != model.num_prototypes:
-        raise ValueError(f"pooled must be [N, {model.num_prototypes}], got shape {tuple(pooled.shape)}")
-    if labels.shape != pooled.shape[:1]:
-        raise ValueError(f"labels must be [{pooled.shape[0]}], got shape {tuple(labels.shape)}")
-    threshold = model.inference_clamp if threshold is None else threshold
-    present = (pooled >= threshold).float()
+    rates = _presence_rates(model, pooled, labels, threshold)                                   # [K, D]
     K = model.num_classes
-    rates = torch.stack([present[labels == k].mean(0) if bool((labels == k).any())
-                         else torch.full_like(present[0], float("nan")) for k in range(K)])          # [K, D]
     used = set(model.used_prototypes().tolist())
     result: Dict[int, List[int]] = {}
     for k in range(K):
