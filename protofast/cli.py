@@ -302,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--augment-noise", type=float, metavar="S",
                          help="pipnet: standard deviation of the per-view pixel noise of the two-view augmentation "
                               "(default 0.03)")
+    p_train.add_argument("--trivial-ops", metavar="OPS",
+                         help="pipnet: per-view TrivialAugment colour ops, one drawn per view: 'original' (the "
+                              "original's 8: identity, brightness, color, contrast, sharpness, posterize, "
+                              "autocontrast, equalize), 'none', or a comma-separated list (a name given twice is "
+                              "drawn twice as often); default: see docs/pipnet.md")
     p_train.add_argument("--clutter", type=int, default=0, metavar="N",
                          help="pipnet: paint N random rectangles (bars, lines, blocks of random colour) into every "
                               "synthetic image's background, like the clutter of a natural photo (default 0)")

@@ -21,8 +21,9 @@ removes every weight the classifier does not need.
 
 Two views (:class:`TwoViewAugment`, plain torch): a geometric transform shared by both views (random shift by up
 to ``shift`` pixels, optional horizontal flip) so that location (i, j) of view 1 and view 2 shows the same patch
-(the align loss compares them location by location), then per view a small extra shift and colour jitter
-(brightness, contrast, per-channel gain, pixel noise). Horizontal flip is off by default: SyntheticParts classes
+(the align loss compares them location by location), then per view a small extra shift, optionally the
+original's TrivialAugment colour op (:func:`trivial_augment_no_shape`, on in ``protofast train pipnet``) and colour
+jitter (brightness, contrast, per-channel gain, pixel noise). Horizontal flip is off by default: SyntheticParts classes
 depend on which quadrant a part is in, and a flip would turn an image into its swap-pair class.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,12 @@ from torch import Tensor, nn
 from .data import SyntheticParts
 from .models.pipnet import PIPNet, dataset_topk, zero_unused_prototypes
 
-__all__ = ["SyntheticPartSets", "TwoViewAugment", "PIPNetTrainResult", "train_pipnet", "warmup_backbone",
-           "evaluate_pipnet", "classification_loss", "pooled_scores", "train_classifier_cached",
-           "zero_class_independent_prototypes", "class_part_prototypes", "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure",
-           "noise_images", "report_pipnet", "cli_train_pipnet"]
+__all__ = ["SyntheticPartSets", "TwoViewAugment", "trivial_augment_no_shape", "trivial_ops", "TRIVIAL_OPS",
+           "CLI_TRIVIAL_OPS", "parse_trivial_ops",
+           "PIPNetTrainResult", "train_pipnet", "warmup_backbone", "evaluate_pipnet", "classification_loss",
+           "pooled_scores", "train_classifier_cached", "zero_class_independent_prototypes", "class_part_prototypes",
+           "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure", "noise_images", "report_pipnet",
+           "cli_train_pipnet"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
 
@@ -127,6 +130,127 @@ def _shift(x: Tensor, dy: Tensor, dx: Tensor, pad: int) -> Tensor:
     return out.gather(3, idx_c)
 
 
+# The original's per-view colour augmentation (M-Nauta/PIPNet util/data.py, ``TrivialAugmentWideNoShape``):
+# TrivialAugment (one op per view, uniformly chosen; magnitude bin uniform in 0..30, sign uniform for signed ops)
+# over these 8 ops. Factors are 1 + signed magnitude, magnitudes linspace(0, m_max, 31).
+TRIVIAL_OPS = ("identity", "brightness", "color", "contrast", "sharpness", "posterize", "autocontrast", "equalize")
+_TRIVIAL_MAX = {"brightness": 0.5, "color": 0.02, "contrast": 0.5, "sharpness": 0.5}
+
+
+def _grey(x: Tensor) -> Tensor:
+    """ITU-R 601-2 luma of ``x [B, 3, S, T]`` → ``[B, 1, S, T]`` (PIL's "L" conversion)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """PIL's ImageEnhance: ``degenerate + factor · (x − degenerate)``, clamped to [0, 1]; ``factor [B]``."""
+    f = factor.view(-1, 1, 1, 1)
+    return (degenerate + f * (x - degenerate)).clamp(0, 1)
+
+
+def _equalize(x: Tensor) -> Tensor:
+    """Per-channel histogram equalisation of ``x [B, C, S, T]`` in [0, 1] on 256 levels (PIL's
+    ImageOps.equalize): with ``h`` the channel's histogram and ``step = (N − h[last non-empty level]) // 255``,
+    level ``v`` maps to ``(Σ_{u<v} h[u] + step // 2) // step``; a channel with ``step = 0`` is left unchanged."""
+    B, C, S, T = x.shape
+    q = (x * 255).round().long().clamp(0, 255).view(B * C, S * T)
+    hist = torch.zeros(B * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    last = 255 - torch.flip(hist > 0, dims=[1]).long().argmax(dim=1)                     # last non-empty level
+    step = (S * T - hist.gather(1, last[:, None])) // 255                                   # [BC, 1]
+    below = torch.cumsum(hist, dim=1) - hist                                                # Σ_{u<v} h[u]
+    lut = ((below + step // 2) // step.clamp(min=1)).clamp(max=255)
+    out = torch.where(step > 0, lut.gather(1, q), q)
+    return (out.float() / 255).view(B, C, S, T).to(x.dtype)
+
+
+def _sharpen_degenerate(x: Tensor) -> Tensor:
+    """PIL's SMOOTH filter (3×3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13) on the interior; border pixels kept."""
+    C = x.shape[1]
+    k = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]], dtype=x.dtype, device=x.device) / 13
+    smooth = F.conv2d(x, k.expand(C, 1, 3, 3), groups=C)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = smooth
+    return out
+
+
+def _check_trivial_ops(ops: Sequence[str]) -> tuple:
+    ops = tuple(ops)
+    unknown = [o for o in ops if o not in TRIVIAL_OPS]
+    if unknown or not ops:
+        raise ValueError(f"TrivialAugment ops must be a non-empty list of {', '.join(TRIVIAL_OPS)}; got {list(ops)}")
+    return ops
+
+
+def trivial_augment_no_shape(x: Tensor, generator: Optional[torch.Generator] = None,
+                             ops: Sequence[str] = TRIVIAL_OPS) -> Tensor:
+    """The original PIP-Net's per-view colour augmentation, batched: each image of ``x [B, 3, S, T]`` (values in
+    [0, 1]) gets one of ``ops`` (default :data:`TRIVIAL_OPS`, the original's 8; a name given twice is drawn twice
+    as often), uniformly at random, with a random magnitude:
+
+    - brightness ``x·f``; color ``grey + f·(x − grey)`` (saturation); contrast ``μ + f·(x − μ)`` with μ the
+      mean luma; sharpness ``smooth + f·(x − smooth)``; ``f = 1 ± m``, ``m`` in linspace(0, m_max, 31) with m_max
+      0.5 (0.02 for color);
+    - posterize: keep the top ``b`` of 8 bits, ``b = 8 − round(bin / 5)`` ∈ 2..8;
+    - autocontrast: each channel stretched linearly to [0, 1] (unchanged if constant);
+    - equalize: per-channel histogram equalisation (:func:`_equalize`).
+
+    Equalize stretches a low-contrast background to the full range: the view shows it as strong pixel noise."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, S, T], got shape {tuple(x.shape)}")
+    ops = _check_trivial_ops(ops)
+    B, d = x.shape[0], x.device
+    op = torch.randint(0, len(ops), (B,), generator=generator).to(d)
+    bin_ = torch.randint(0, 31, (B,), generator=generator).to(d)
+    sign = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0).to(d, x.dtype)
+    outs = trivial_ops(x, bin_, sign, ops=ops)
+    stacked = torch.stack([outs[name] for name in ops])                                      # [len(ops), B, 3, S, T]
+    return stacked[op, torch.arange(B, device=d)]
+
+
+def trivial_ops(x: Tensor, bin_: Tensor, sign: Tensor, ops: Sequence[str] = TRIVIAL_OPS) -> Dict[str, Tensor]:
+    """The ops ``ops`` (of :data:`TRIVIAL_OPS`) applied to every image of ``x [B, 3, S, T]`` with magnitude bin
+    ``bin_ [B]`` (0..30) and sign ``sign [B]`` (±1; used by the factor ops): name → ``[B, 3, S, T]``."""
+    outs = {}
+    for name in dict.fromkeys(_check_trivial_ops(ops)):
+        if name == "identity":
+            outs[name] = x
+        elif name in _TRIVIAL_MAX:
+            factor = 1 + sign * (bin_.to(x.dtype) * (_TRIVIAL_MAX[name] / 30))
+            degenerate = {"brightness": torch.zeros_like(x),
+                          "color": _grey(x).expand_as(x),
+                          "contrast": _grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x),
+                          "sharpness": _sharpen_degenerate(x)}[name]
+            outs[name] = _blend(x, degenerate, factor)
+        elif name == "posterize":
+            bits = 8 - torch.round(bin_.to(torch.float64) / 5).long()
+            q = (x * 255).round().long().clamp(0, 255)
+            mask = (255 - ((1 << (8 - bits)) - 1)).view(-1, 1, 1, 1)                        # top `bits` bits
+            outs[name] = (q & mask).to(x.dtype) / 255
+        elif name == "autocontrast":
+            lo = x.amin(dim=(2, 3), keepdim=True)
+            hi = x.amax(dim=(2, 3), keepdim=True)
+            outs[name] = torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-12), x)
+        else:                                                                                # equalize
+            outs[name] = _equalize(x)
+    return outs
+
+
+CLI_TRIVIAL_OPS = TRIVIAL_OPS
+
+
+def parse_trivial_ops(spec: Optional[str]) -> tuple:
+    """``--trivial-ops``: None → :data:`CLI_TRIVIAL_OPS`; "original" → :data:`TRIVIAL_OPS`; "none" → ();
+    otherwise a comma-separated list of op names (checked)."""
+    if spec is None:
+        return tuple(CLI_TRIVIAL_OPS)
+    spec = spec.strip().lower()
+    if spec == "original":
+        return TRIVIAL_OPS
+    if spec == "none":
+        return ()
+    return _check_trivial_ops(o.strip() for o in spec.split(","))
+
+
 class TwoViewAugment:
     """``views = augment(images [B, 3, S, S])`` → ``[2B, 3, S, S]`` = [view 1; view 2] (images in [0, 1]).
 
@@ -136,11 +260,14 @@ class TwoViewAugment:
         flip: probability of a shared horizontal flip (0 by default, see the module docstring).
         brightness, contrast, gain: per-view colour jitter amplitudes (uniform factors 1 ± amplitude; gain per
             channel); noise: standard deviation of per-view Gaussian pixel noise.
+        trivial_ops: if not empty, first apply one TrivialAugment colour op of this list to each view
+            (:func:`trivial_augment_no_shape`; :data:`TRIVIAL_OPS` = the original's), then the jitter above.
         generator: torch.Generator for reproducible views.
     """
 
     def __init__(self, shift: int = 3, view_shift: int = 1, flip: float = 0.0, brightness: float = 0.2,
                  contrast: float = 0.2, gain: float = 0.1, noise: float = 0.03,
+                 trivial_ops: Sequence[str] = (),
                  generator: Optional[torch.Generator] = None):
         if shift < 0 or view_shift < 0:
             raise ValueError(f"shift and view_shift must be >= 0, got {shift}, {view_shift}")
@@ -148,6 +275,7 @@ class TwoViewAugment:
             raise ValueError(f"flip must be a probability, got {flip}")
         self.shift, self.view_shift, self.flip = int(shift), int(view_shift), float(flip)
         self.brightness, self.contrast, self.gain, self.noise = brightness, contrast, gain, noise
+        self.trivial_ops = _check_trivial_ops(trivial_ops) if trivial_ops else ()
         self.generator = generator
 
     def _rand(self, *shape, device):
@@ -179,6 +307,8 @@ class TwoViewAugment:
         views = []
         for _ in range(2):
             v = _shift(base, self._int(self.view_shift, B, d), self._int(self.view_shift, B, d), self.view_shift)
+            if self.trivial_ops:
+                v = trivial_augment_no_shape(v, self.generator, ops=self.trivial_ops)
             views.append(self._colour(v))
         return torch.cat(views, dim=0)
 
@@ -698,13 +828,15 @@ def cli_train_pipnet(args) -> int:
     warmup = args.backbone_warmup_epochs
     epochs = args.epochs
     align_weight = args.align_weight if getattr(args, "align_weight", None) is not None else 0.1
+    args.trivial_ops = parse_trivial_ops(getattr(args, "trivial_ops", None))
     if args.out == "protofast-protopnet":                  # the protopnet default of the shared --out option
         args.out = "protofast-pipnet"
     print(f"protofast train pipnet: {repr(train_set) if args.dataset == 'synthetic' else args.dataset} "
           f"({len(train_set)} train / {len(test_set)} test, {num_classes} classes), SmallCNN backbone "
           f"({'with' if coords else 'no'} coordinate channels), D = {D} prototypes, {torch.get_num_threads()} "
           "threads; backbone warm-up "
-          f"{warmup} + pretrain {pretrain} + train {epochs} epochs (align weight {align_weight:g}) + classifier-only "
+          f"{warmup} + pretrain {pretrain} + train {epochs} epochs (align weight {align_weight:g}, "
+          f"TrivialAugment colour ops {','.join(args.trivial_ops) or 'none'}) + classifier-only "
           f"{args.classifier_only_epochs} epochs")
     t0 = time.perf_counter()
     if warmup:
@@ -714,6 +846,7 @@ def cli_train_pipnet(args) -> int:
     lrs = {"backbone": 1e-3 * args.lr_scale, "add_on": 1e-3 * args.lr_scale, "classification": 0.05 * args.lr_scale}
     augment_noise = getattr(args, "augment_noise", None)
     augment = TwoViewAugment(noise=0.03 if augment_noise is None else augment_noise,
+                             trivial_ops=args.trivial_ops,
                              generator=torch.Generator().manual_seed(args.seed))
     result = train_pipnet(model, train_loader, test_loader, epochs=epochs, pretrain_epochs=pretrain,
                           finetune_epochs=min(1, epochs), lrs=lrs, progress=not args.no_progress, seed=args.seed,

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 from protofast.cli import main
 from protofast.data import SyntheticParts
 from protofast.models import PIPNet, SmallCNN, dataset_topk
-from protofast.pipnet_train import (TwoViewAugment, _shift, classification_loss, evaluate_pipnet,
+from protofast.pipnet_train import (CLI_TRIVIAL_OPS, TRIVIAL_OPS, TwoViewAugment, _shift, classification_loss, evaluate_pipnet,
                                     load_pipnet_checkpoint, noise_images, pooled_scores, save_pipnet_checkpoint,
                                     save_topk_figure, train_classifier_cached, train_pipnet, warmup_backbone,
+                                    parse_trivial_ops, trivial_augment_no_shape, trivial_ops,
                                     zero_class_independent_prototypes)
 
 
@@ -54,6 +55,88 @@ def test_two_views_share_the_geometry_and_differ_in_colour():
         TwoViewAugment(flip=2.0)
     with pytest.raises(ValueError, match="images"):
         aug(x[0])
+
+
+def _pil_ops(img, bin_, sign):
+    """The original's ops through PIL, on one ``[3, S, T]`` image in [0, 1] → name → ``[3, S, T]``."""
+    np = pytest.importorskip("numpy")
+    Image = pytest.importorskip("PIL.Image")
+    from PIL import ImageEnhance, ImageOps
+    im = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    f = {name: 1 + sign * bin_ * m / 30 for name, m in
+         (("brightness", 0.5), ("color", 0.02), ("contrast", 0.5), ("sharpness", 0.5))}
+    out = {"identity": im,
+           "brightness": ImageEnhance.Brightness(im).enhance(f["brightness"]),
+           "color": ImageEnhance.Color(im).enhance(f["color"]),
+           "contrast": ImageEnhance.Contrast(im).enhance(f["contrast"]),
+           "sharpness": ImageEnhance.Sharpness(im).enhance(f["sharpness"]),
+           "posterize": ImageOps.posterize(im, 8 - round(bin_ / 5)),
+           "autocontrast": ImageOps.autocontrast(im),
+           "equalize": ImageOps.equalize(im)}
+    return {k: torch.from_numpy(np.asarray(v).astype("float32") / 255).permute(2, 0, 1) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("bin_,sign", [(0, 1.0), (7, -1.0), (30, 1.0), (30, -1.0), (13, 1.0)])
+def test_trivial_ops_match_pil(bin_, sign):
+    x = _data(3).images
+    x = (x * 255).round() / 255                                 # 8-bit images, as PIL sees them
+    ours = trivial_ops(x, torch.full((3,), bin_), torch.full((3,), sign))
+    assert set(ours) == set(TRIVIAL_OPS)
+    for i in range(3):
+        ref = _pil_ops(x[i], bin_, sign)
+        for name in TRIVIAL_OPS:
+            tol = 0 if name in ("identity", "posterize", "equalize") else 2 / 255    # PIL rounds to 8 bits
+            assert (ours[name][i] - ref[name]).abs().max() <= tol + 1e-6, (name, i)
+
+
+def test_equalize_turns_a_noisy_background_into_full_range_noise():
+    bg = noise_images(4, 32, seed=0, kind="background")
+    eq = trivial_ops(bg, torch.zeros(4, dtype=torch.long), torch.ones(4))["equalize"]
+    assert float(bg.std(dim=(2, 3)).max()) < 0.11 and float(eq.std(dim=(2, 3)).min()) > 0.27    # uniform: 0.289
+    flat = torch.full((1, 3, 8, 8), 0.4)                        # one level: step 0, unchanged
+    assert torch.equal(trivial_ops(flat, torch.zeros(1, dtype=torch.long), torch.ones(1))["equalize"],
+                       (flat * 255).round() / 255)
+
+
+def test_trivial_augment_picks_one_op_per_image():
+    x = _data(48).images
+    g = torch.Generator().manual_seed(3)
+    out = trivial_augment_no_shape(x, g)
+    g = torch.Generator().manual_seed(3)                        # replay the draws
+    op = torch.randint(0, len(TRIVIAL_OPS), (48,), generator=g)
+    bin_ = torch.randint(0, 31, (48,), generator=g)
+    sign = torch.where(torch.rand(48, generator=g) < 0.5, -1.0, 1.0)
+    ref = trivial_ops(x, bin_, sign)
+    for i in range(48):
+        assert torch.equal(out[i], ref[TRIVIAL_OPS[int(op[i])]][i])
+    assert len(set(op.tolist())) == len(TRIVIAL_OPS)
+    views = TwoViewAugment(trivial_ops=TRIVIAL_OPS, generator=torch.Generator().manual_seed(0))(x)
+    assert views.shape == (96, 3, 16, 16) and 0 <= float(views.min()) and float(views.max()) <= 1
+    with pytest.raises(ValueError, match="images"):
+        trivial_augment_no_shape(x[:, :1])
+
+
+def test_trivial_augment_op_subsets_and_parsing():
+    x = _data(64).images
+    ops = ("identity", "equalize", "equalize")                  # equalize drawn twice as often
+    out = trivial_augment_no_shape(x, torch.Generator().manual_seed(1), ops=ops)
+    g = torch.Generator().manual_seed(1)
+    op = torch.randint(0, 3, (64,), generator=g)
+    eq = trivial_ops(x, torch.zeros(64, dtype=torch.long), torch.ones(64), ops=("equalize",))
+    assert set(eq) == {"equalize"}
+    for i in range(64):
+        assert torch.equal(out[i], x[i] if int(op[i]) == 0 else eq["equalize"][i])
+    assert 30 <= int((op > 0).sum()) <= 55
+    for bad in (("identity", "blur"), ()):
+        with pytest.raises(ValueError, match="TrivialAugment ops"):
+            trivial_augment_no_shape(x, ops=bad)
+    with pytest.raises(ValueError, match="TrivialAugment ops"):
+        TwoViewAugment(trivial_ops=("solarise",))
+    assert parse_trivial_ops("original") == TRIVIAL_OPS and parse_trivial_ops("none") == ()
+    assert parse_trivial_ops("Identity, equalize,equalize") == ops
+    assert parse_trivial_ops(None) == tuple(CLI_TRIVIAL_OPS)
+    with pytest.raises(ValueError, match="TrivialAugment ops"):
+        parse_trivial_ops("identity,sharpen")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -398,16 +481,19 @@ def test_cli_defaults_to_part_sets_and_no_part_sets_uses_quadrant_classes(tmp_pa
         assert main(args + ["--out", str(tmp_path / "a")]) == 0
         text = capsys.readouterr().out
         assert "SyntheticPartSets(" in text and "align weight 0.1" in text and "clutter=0" in text
+        assert f"TrivialAugment colour ops {','.join(CLI_TRIVIAL_OPS)})" in text
         assert "own part prototypes per class" in text and "classes without" in text
         assert main(args + ["--out", str(tmp_path / "b"), "--no-part-sets", "--align-weight", "5", "--clutter", "3",
-                            "--augment-noise", "0.1"]) == 0
+                            "--augment-noise", "0.1", "--trivial-ops", "none"]) == 0
         text = capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
     assert "SyntheticParts(" in text and "with coordinate channels" in text and "align weight 5" in text
-    assert "clutter=3" in text
+    assert "clutter=3" in text and "TrivialAugment colour ops none" in text
+    assert json.load(open(tmp_path / "a" / "config.json"))["train"]["trivial_ops"] == list(CLI_TRIVIAL_OPS)
     config = json.load(open(tmp_path / "b" / "config.json"))
     assert config["train"]["part_sets"] is False and config["train"]["augment_noise"] == 0.1
+    assert config["train"]["trivial_ops"] == []
 
 
 def test_class_part_prototypes():
