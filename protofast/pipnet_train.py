@@ -49,6 +49,7 @@ __all__ = ["SyntheticPartSets", "TwoViewAugment", "trivial_augment_no_shape", "t
            "PIPNetTrainResult", "train_pipnet", "warmup_backbone", "evaluate_pipnet", "classification_loss",
            "pooled_scores", "train_classifier_cached", "zero_class_independent_prototypes", "class_part_prototypes",
            "save_pipnet_checkpoint", "load_pipnet_checkpoint", "save_topk_figure", "noise_images", "report_pipnet",
+           "prototype_firing",
            "cli_train_pipnet"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.pt"
@@ -740,12 +741,53 @@ def class_part_prototypes(model: PIPNet, pooled: Tensor, labels: Tensor, own: fl
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@torch.no_grad()
+def prototype_firing(model: PIPNet, loader, device=None) -> dict:
+    """Where the prototypes that carry a classifier weight (:meth:`PIPNet.used_prototypes`) fire on the images of
+    ``loader`` (``(images, labels)`` or images), in inference mode (a prototype fires at cell (i, j) if its softmax
+    score ``z[d, i, j] ≥ inference_clamp``, the 0.1 clamp):
+
+    - ``cell_rate``: fraction of the ``N·H·W`` cells at which some used prototype fires;
+    - ``image_rate``: fraction of the N images with at least one such cell. With a bias-free classifier this is
+      exactly ``1 − abstained``: the output is all zero iff no used prototype is present (tested);
+    - ``per_prototype``: ``{d: fraction of the images on which prototype d fires}`` for the used prototypes that
+      fire on at least one image, largest first;
+    - ``cells``: H·W. An image with independent cells abstains with probability ``(1 − cell_rate)^cells``.
+
+    Used to find which class prototypes respond to out-of-distribution inputs (docs/pipnet.md, issue #5). Builds
+    the softmax map of one batch at a time."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    used = model.used_prototypes().to(device)
+    n = n_cells = fired_cells = fired_images = 0
+    per = torch.zeros(model.num_prototypes, dtype=torch.float64)
+    cells = 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        z = model.softmax_maps(x.to(device))[:, used]                  # [B, U, H, W]
+        fires = z >= model.inference_clamp
+        cells = z.shape[2] * z.shape[3]
+        any_proto = fires.any(dim=1)                                    # [B, H, W]
+        n += z.shape[0]
+        n_cells += any_proto.numel()
+        fired_cells += int(any_proto.sum())
+        fired_images += int(any_proto.flatten(1).any(dim=1).sum())
+        per[used.cpu()] += fires.flatten(2).any(dim=2).sum(dim=0).double().cpu()
+    model.train(was_training)
+    rates = {int(d): float(per[d]) / max(n, 1) for d in used.tolist() if per[d] > 0}
+    return dict(cell_rate=fired_cells / max(n_cells, 1), image_rate=fired_images / max(n, 1), cells=cells,
+                per_prototype=dict(sorted(rates.items(), key=lambda kv: (-kv[1], kv[0]))), n=n)
+
+
 def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: int = 0, image_size: int = 32,
                   log: Optional[Callable[[str], None]] = print) -> dict:
     """The CLI's final evaluation: dataset top-k on ``train_loader`` (unshuffled) and
     :func:`zero_unused_prototypes` (mutates the model), :func:`evaluate_pipnet` on ``test_loader`` and on
     ``n_noise`` images of each :func:`noise_images` kind (seed ``seed + 1``): abstention, max output, mean largest
-    inference presence score and the fraction above the 95 %-TPR threshold of the test images. Returns ``test``,
+    inference presence score, the fraction above the 95 %-TPR threshold of the test images, the median and 95th
+    percentile of each image's largest output relative to the test set's median (``max_out_vs_test_median``) and
+    :func:`prototype_firing` (``firing``). Returns ``test``,
     ``noise`` (per kind), ``zeroed_prototypes`` (list), ``threshold``, ``topk``, ``own_prototypes``
     (:func:`class_part_prototypes` on the training set)."""
     from torch.utils.data import DataLoader
@@ -766,6 +808,10 @@ def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: 
         ood[kind]["max_out"] = float(noise_out.max())
         ood[kind]["mean_max_presence"] = float(noise_pooled.max(1).values.mean())
         ood[kind]["fpr_at_95_tpr"] = float((noise_out.max(1).values >= threshold).float().mean())
+        # "near 0": the largest output of each noise image relative to the median largest output of the test set
+        rel = noise_out.max(1).values / max(float(test_max.median()), 1e-12)
+        ood[kind]["max_out_vs_test_median"] = {q: float(torch.quantile(rel, float(q))) for q in ("0.5", "0.95")}
+        ood[kind]["firing"] = prototype_firing(model, DataLoader(noise, batch_size=256))
     own = class_part_prototypes(model, *pooled_scores(model, train_loader))
     say(f"prototypes never above 0.1 in the training set (columns zeroed): {zeroed.tolist()}")
     say("own part prototypes per class (present on >= 90 % of its training images, < 50 % of every other class's): "
@@ -779,6 +825,11 @@ def report_pipnet(model: PIPNet, train_loader, test_loader, n_noise: int, seed: 
             f"{ood[kind]['mean_max_presence']:.3g}); with the paper's threshold at 95 % of the test images "
             f"(max output >= {threshold:.3g}) {ood[kind]['fpr_at_95_tpr']:.2%} of them are taken as "
             "in-distribution")
+        fire, rel = ood[kind]["firing"], ood[kind]["max_out_vs_test_median"]
+        top = ", ".join(f"{d}: {r:.1%}" for d, r in list(fire["per_prototype"].items())[:5]) or "none"
+        say(f"  largest output / median largest test output: median {rel['0.5']:.3f}, 95th percentile "
+            f"{rel['0.95']:.3f}; a used prototype fires (>= {model.inference_clamp:g}) at {fire['cell_rate']:.2%} "
+            f"of the {fire['cells']} cells per image; prototypes firing on most images: {top}")
     return dict(test=test, noise=ood, zeroed_prototypes=zeroed.tolist(), threshold=threshold, topk=topk,
                 own_prototypes=own)
 

@@ -7,13 +7,14 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from protofast.cli import main
 from protofast.data import SyntheticParts
 from protofast.models import PIPNet, SmallCNN, dataset_topk
 from protofast.pipnet_train import (CLI_TRIVIAL_OPS, TRIVIAL_OPS, TwoViewAugment, _shift, classification_loss, evaluate_pipnet,
-                                    load_pipnet_checkpoint, noise_images, pooled_scores, save_pipnet_checkpoint,
+                                    load_pipnet_checkpoint, noise_images, pooled_scores, prototype_firing,
+                                    save_pipnet_checkpoint,
                                     save_topk_figure, train_classifier_cached, train_pipnet, warmup_backbone,
                                     parse_trivial_ops, trivial_augment_no_shape, trivial_ops,
                                     zero_class_independent_prototypes)
@@ -334,6 +335,33 @@ def test_evaluate_counts_abstentions_on_noise():
     torch.testing.assert_close(model.classification.weight.detach(), torch.full_like(w, 0.0005))
 
 
+def test_prototype_firing_counts_cells_and_matches_abstention():
+    model = _tiny(5)
+    with torch.no_grad():       # sharper softmax maps; prototypes 0, 2, 3 rarer; only 0, 2, 3 carry a weight
+        model.add_on.weight.mul_(6.0)
+        model.add_on.bias[[0, 2, 3]] -= torch.tensor([1.5, 3.0, 2.5])
+        model.classification.weight.abs_()
+        model.classification.weight[:, [1, 4, 5, 6, 7]] = 0
+    x = torch.cat([noise_images(12, 16, seed=1), noise_images(12, 16, seed=2, kind="background"), _data(12).images])
+    res = prototype_firing(model, DataLoader(x, batch_size=5))
+    assert res == prototype_firing(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=36))
+    with torch.no_grad():                        # dense count from the full softmax maps
+        fires = model.softmax_maps(x)[:, [0, 2, 3]] >= 0.1                # [N, 3, H, W]
+    assert res["cells"] == fires.shape[2] * fires.shape[3] and res["n"] == 36
+    assert res["cell_rate"] == pytest.approx(float(fires.any(1).float().mean()))
+    per = fires.flatten(2).any(2).float().mean(0)
+    assert res["per_prototype"] == pytest.approx({d: float(r) for d, r in zip([0, 2, 3], per) if r > 0})
+    assert list(res["per_prototype"].values()) == sorted(res["per_prototype"].values(), reverse=True)
+    assert set(res["per_prototype"]) == {0, 2, 3}
+    assert 0 < res["cell_rate"] < res["image_rate"] < 1, res
+    # bias-free classifier: an image abstains iff no used prototype fires anywhere
+    assert res["image_rate"] == pytest.approx(1 - evaluate_pipnet(model, DataLoader(x, batch_size=8))["abstained"])
+    with torch.no_grad():
+        model.classification.weight.zero_()
+    none = prototype_firing(model, DataLoader(x, batch_size=8))
+    assert none["cell_rate"] == none["image_rate"] == 0 and none["per_prototype"] == {}
+
+
 def test_checkpoint_round_trip_and_figure(trained, tmp_path):
     model, _, _, _, _, data = trained
     save_pipnet_checkpoint(model, str(tmp_path / "ck"), extra={"note": 1})
@@ -368,6 +396,11 @@ def test_cli_smoke(tmp_path, capsys):
     assert config["model"]["num_prototypes"] == 8 and config["model"]["weight_shrink"] == 0.01
     assert set(config["noise"]) == {"background", "uniform"}
     assert 0 <= config["noise"]["uniform"]["fpr_at_95_tpr"] <= 1
+    for kind in ("background", "uniform"):
+        ood = config["noise"][kind]
+        assert ood["firing"]["image_rate"] == pytest.approx(1 - ood["abstained"])
+        assert 0 <= ood["max_out_vs_test_median"]["0.5"] <= ood["max_out_vs_test_median"]["0.95"]
+    assert "largest output / median largest test output" in text
 
 
 def test_cli_classifier_only_phase(tmp_path, capsys):
