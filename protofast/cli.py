@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--clutter", type=int, default=0, metavar="N",
                          help="pipnet: paint N random rectangles (bars, lines, blocks of random colour) into every "
                               "synthetic image's background, like the clutter of a natural photo (default 0)")
+    p_train.add_argument("--random-part-colours", action="store_true",
+                         help="pipnet: every synthetic part takes a random part colour, so parts are known by their "
+                              "texture only and colour carries no class information (default: one colour per part)")
     p_train.add_argument("--classifier-only-epochs", type=int, default=80, metavar="N",
                          help="pipnet: after the schedule, N epochs of classifier-only steps (backbone and add-on "
                               "frozen) with the weight shrink on the cached presence scores of the training set "

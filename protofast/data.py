@@ -68,6 +68,9 @@ class SyntheticParts(Dataset):
         clutter: number of random rectangles (random sizes, positions and colours; bars, lines and blocks) painted
             into each image's background before the parts, like the clutter around the object in a natural
             photo; 0 (default) gives the plain noisy background.
+        random_colours: if True, every pasted part (class part or distractor) takes a colour drawn uniformly from
+            the ``num_parts + 2`` part colours, so a part is known by its texture only and colour carries no class
+            information; False (default): each part has its own colour.
         seed: defines the classes (shared by both splits) and, with ``split``, the images.
         split: ``"train"`` or ``"test"``: independent image streams for the same classes.
 
@@ -77,7 +80,7 @@ class SyntheticParts(Dataset):
 
     def __init__(self, n_images: int, num_classes: int = 10, image_size: int = 32, part_size: int = 6,
                  num_parts: int = 6, parts_per_class: int = 2, distractors: int = 1, noise: float = 0.1,
-                 seed: int = 0, split: str = "train", clutter: int = 0):
+                 seed: int = 0, split: str = "train", clutter: int = 0, random_colours: bool = False):
         if split not in _SPLIT_STREAM:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not isinstance(n_images, int) or n_images < 1:
@@ -98,6 +101,7 @@ class SyntheticParts(Dataset):
         self.part_size, self.num_parts, self.parts_per_class = part_size, num_parts, parts_per_class
         self.distractors, self.noise, self.seed, self.split = distractors, noise, seed, split
         self.clutter = clutter
+        self.random_colours = bool(random_colours)
         self.num_distractor_parts = 2
         self.class_parts = self._design_classes()
         self.part_textures = torch.stack([_texture(p, part_size) for p in range(num_parts + 2)])
@@ -155,6 +159,10 @@ class SyntheticParts(Dataset):
         patches = self.part_colours[:, :, None, None] * self.part_textures[:, None]          # [P+2, 3, ps, ps]
         masks = self.part_textures[:, None]                                                    # [P+2, 1, ps, ps]
         boxes: List[List[Tuple[int, int, int, int, int]]] = []
+        colour_of = None
+        if self.random_colours:             # a separate stream: the other draws (and fixed-colour images) unchanged
+            gc = torch.Generator().manual_seed(3_000_017 * self.seed + 15_485_863 * (_SPLIT_STREAM[self.split] + 1))
+            colour_of = torch.randint(0, len(self.part_colours), (N, n_slots), generator=gc).tolist()
         labels_list = labels.tolist()
         offsets_list = offsets.tolist()
         for n in range(N):
@@ -167,11 +175,15 @@ class SyntheticParts(Dataset):
                     items.append((self.num_parts + int(distractor_kind[n, d]), free[d]))
             img_boxes = []
             for slot, (p, r) in enumerate(items):
+                if colour_of is not None:
+                    patch = masks[p] * self.part_colours[colour_of[n][slot]][:, None, None]
+                else:
+                    patch = patches[p]
                 top = (r // 2) * half + offsets_list[n][slot][0]
                 left = (r % 2) * half + offsets_list[n][slot][1]
                 region = images[n, :, top:top + ps, left:left + ps]
                 m = masks[p]
-                region.mul_(1 - m).add_(m * patches[p] * colour_jitter[n, slot, :, None, None])
+                region.mul_(1 - m).add_(m * patch * colour_jitter[n, slot, :, None, None])
                 img_boxes.append((p, top, left, top + ps, left + ps))
             boxes.append(img_boxes)
         return images.clamp_(0, 1).contiguous(), labels, boxes
@@ -213,7 +225,7 @@ class SyntheticParts(Dataset):
         return dict(n_images=self.n_images, num_classes=self.num_classes, image_size=self.image_size,
                     part_size=self.part_size, num_parts=self.num_parts, parts_per_class=self.parts_per_class,
                     distractors=self.distractors, noise=self.noise, seed=self.seed, split=self.split,
-                    clutter=self.clutter)
+                    clutter=self.clutter, random_colours=self.random_colours)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -78,7 +78,7 @@ class SyntheticPartSets(SyntheticParts):
 
     def __init__(self, n_images: int, num_classes: int = 10, image_size: int = 32, part_size: int = 6,
                  num_parts: int = 8, parts_per_class: int = 2, distractors: int = 1, noise: float = 0.1,
-                 seed: int = 0, split: str = "train", clutter: int = 0):
+                 seed: int = 0, split: str = "train", clutter: int = 0, random_colours: bool = False):
         if not 1 <= parts_per_class <= 4:
             raise ValueError(f"parts_per_class must be in 1..4, got {parts_per_class}")
         if not 2 <= num_parts <= 8:
@@ -92,7 +92,7 @@ class SyntheticPartSets(SyntheticParts):
         # SyntheticParts validates a (part, region)-class count; pass a valid one, _design_classes replaces it
         super().__init__(n_images, num_classes=2, image_size=image_size, part_size=part_size, num_parts=num_parts,
                          parts_per_class=parts_per_class, distractors=distractors, noise=noise, seed=seed,
-                         split=split, clutter=clutter)
+                         split=split, clutter=clutter, random_colours=random_colours)
         self.layouts = self.class_parts
         self.layout_labels = self.labels
         self.labels = self.layout_labels // self.layouts_per_class
@@ -847,16 +847,17 @@ def cli_train_pipnet(args) -> int:
         torch.set_num_threads(args.threads)
     part_sets = getattr(args, "part_sets", None) is not False          # --part-sets is the default
     clutter = int(getattr(args, "clutter", 0) or 0)
+    random_colours = bool(getattr(args, "random_part_colours", False))
     if args.dataset == "synthetic":
         # default (--part-sets): SyntheticPartSets, one part per class at a random place, no coordinates;
         # --no-part-sets: SyntheticParts, whose classes depend on which part is in which quadrant (with SmallCNN's
         # coordinate channels), which a scoring sheet of present parts can only express through coordinates
         if part_sets:
             make = functools.partial(SyntheticPartSets, num_classes=8, parts_per_class=1, num_parts=8,
-                                     image_size=32, seed=args.seed, clutter=clutter)
+                                     image_size=32, seed=args.seed, clutter=clutter, random_colours=random_colours)
         else:
             make = functools.partial(pf_data.SyntheticParts, num_classes=10, image_size=32, seed=args.seed,
-                                     clutter=clutter)
+                                     clutter=clutter, random_colours=random_colours)
         train_set, test_set = make(args.train_size, split="train"), make(args.test_size, split="test")
         num_classes = train_set.num_classes
     else:

@@ -144,3 +144,28 @@ def test_clutter_paints_the_background_and_leaves_everything_else_unchanged():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="clutter"):
             SyntheticParts(4, clutter=bad)
+
+
+def test_random_colours_recolour_the_parts_only():
+    plain = SyntheticParts(60, seed=3)
+    ds = SyntheticParts(60, seed=3, random_colours=True)
+    assert torch.equal(SyntheticParts(60, seed=3, random_colours=False).images, plain.images)   # opt-in
+    assert torch.equal(ds.images, SyntheticParts(60, seed=3, random_colours=True).images)      # seeded
+    assert torch.equal(ds.labels, plain.labels) and ds._boxes == plain._boxes                   # same classes, layout
+    palette = ds.part_colours                                                                   # [P + 2, 3]
+    colours_of_part = {}
+    for i in range(len(ds)):
+        outside = torch.ones(ds.image_size, ds.image_size, dtype=torch.bool)
+        for p, top, left, bottom, right in ds.part_locations(i).tolist():
+            on = ds.part_textures[p] > 0
+            outside[top:bottom, left:right] &= ~on
+            pix = ds.images[i, :, top:bottom, left:right][:, on]                                # [3, n_on]
+            # one palette colour per pasted part, times the per-channel jitter in [0.85, 1]
+            ratio = pix.mean(1, keepdim=True).T / palette.clamp_min(1e-6)                      # [P + 2, 3]
+            fits = ((ratio >= 0.85 - 1e-4) & (ratio <= 1 + 1e-4)) | (palette < 1e-6)
+            candidates = fits.all(1).nonzero().flatten().tolist()
+            assert candidates, (i, p, pix.mean(1))
+            colours_of_part.setdefault(p, set()).update(candidates)
+        assert torch.equal(ds.images[i][:, outside], plain.images[i][:, outside])              # background unchanged
+    assert all(len(c) >= 3 for c in colours_of_part.values()), colours_of_part                 # colour is not the part
+    assert ds.config()["random_colours"] is True and SyntheticParts(**ds.config()).images.equal(ds.images)
